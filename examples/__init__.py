@@ -1,0 +1,1 @@
+"""Runnable examples: ``python -m gaman_sync examples.chat:block``."""

@@ -1,0 +1,30 @@
+"""The basic block of the GamanJS WebSocket page, in Python.
+
+Run: ``python -m gaman_sync examples.basic:block`` or ``python examples/basic.py``.
+"""
+
+import logging
+
+from gaman_sync import WebSocketHandler, define_block, serve
+
+log = logging.getLogger("examples.basic")
+
+
+def websocket(ctx):
+    log.info("Connected clients: %s", ctx.server.clients)
+
+    return WebSocketHandler(
+        on_open=lambda: log.info("Connection opened"),
+        on_message=lambda message: (log.info("Received message: %s", message),
+                                    ctx.send("Echo: " + message)),
+        on_close=lambda code, reason: log.info("Connection closed. Code: %s, Reason: %s",
+                                               code, reason),
+        on_error=lambda error: log.error("WebSocket error: %s", error),
+    )
+
+
+block = define_block(path="/", websocket=websocket)
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    serve(block, port=8000)

@@ -1,0 +1,613 @@
+"""One WebSocket connection: its socket, its thread and its write path.
+
+Theory of operation
+-------------------
+Each connection has exactly one thread. It reads the socket in large
+chunks, feeds everything that arrived to the protocol glue
+(:mod:`gaman_sync.protocol`, wsproto underneath) and runs the handler's
+callbacks. It is the only thread that reads the socket and the only one that
+closes it; any other thread that wants the connection gone shuts the socket
+down, which wakes the reader.
+
+Any thread may write (``send``, ``ping``, ``close``, a broadcast, the
+keepalive timer, the reader's own pong and close replies). Every write
+happens under ``_lock``, which also guards the wsproto state, so frames are
+whole and in order on the wire. Writes never block under the lock: a frame
+goes to the kernel with a non-blocking ``send``; whatever the kernel does not
+take waits in ``_pending`` and the server's one writer thread
+(:mod:`gaman_sync.flusher`) sends it when the socket is writable. A peer
+that stops reading therefore costs buffer space, bounded by
+``write_limit``, and never a blocked thread: ``send`` waits (up to its
+timeout) for room, and a broadcast that finds the buffer full closes that
+client with 1008.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections import deque
+from enum import IntEnum
+from typing import TYPE_CHECKING, Any, Callable, Deque, Optional, Union
+
+from .errors import ConnectionClosed, SendTimeout
+from .handler import WebSocketHandler, as_handler
+from .handshake import (HandshakeError, RequestParser, accept_response, check_upgrade,
+                        error_response, to_request)
+from .options import Options
+from .protocol import (ABNORMAL, Closed, Failed, Message, Pong, Protocol,
+                       check_close_code, encode_frame)
+from .request import Request
+
+if TYPE_CHECKING:
+    from .flusher import Flusher
+    from .timers import Timer, Timers
+
+__all__ = ["Connection", "ReadyState"]
+
+logger = logging.getLogger("gaman_sync")
+
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+_RECV_SIZE = 256 * 1024
+# Below this, header and payload are joined and sent with one send(); above
+# it, sendmsg() sends both without copying the payload.
+_JOIN_LIMIT = 16 * 1024
+_EMPTY_HANDLER = WebSocketHandler()
+
+
+class ReadyState(IntEnum):
+    """The state of a connection, numbered as ``WebSocket.readyState``."""
+
+    CONNECTING = 0
+    OPEN = 1
+    CLOSING = 2
+    CLOSED = 3
+
+
+class Connection:
+    """A WebSocket connection: the ``ctx`` a block's handler is called with.
+
+    ``send``, ``ping``, ``close`` and ``terminate`` may be called from any
+    thread. The callbacks run in this connection's own thread, one at a time.
+    Attributes may be set on it freely (``ctx.user = ...``).
+    """
+
+    __slots__ = ("id", "server", "request", "subprotocol", "ready_state", "_sock",
+                 "_host", "_options", "_lock", "_room", "_proto", "_pending",
+                 "_pending_size", "_watched", "_handler", "_opened", "_aborted",
+                 "_close_timer", "_ping_timer", "_unanswered_since", "thread",
+                 "__dict__", "__weakref__")
+
+    def __init__(self, sock: socket.socket, remote_address: Any, host: Any,
+                 conn_id: int) -> None:
+        self.id = conn_id
+        """A number unique among the connections of this server."""
+        self.server: Any = None
+        """The block's server (``clients``, ``broadcast``; ``root`` is the whole server)."""
+        self.request: Optional[Request] = None
+        """The opening handshake's request (path, query, headers, remote address)."""
+        self.subprotocol: Optional[str] = None
+        """The subprotocol selected in the handshake, or ``None``."""
+        self.ready_state = ReadyState.CONNECTING
+        """CONNECTING, OPEN, CLOSING or CLOSED, as ``WebSocket.readyState``."""
+        self.thread: Optional[threading.Thread] = None
+        self._sock = sock
+        self._host = host
+        self._options: Options = host.options
+        self._lock = threading.Lock()
+        self._room: Optional[threading.Condition] = None
+        self._proto: Optional[Protocol] = None
+        self._pending: Optional[Deque[Union[bytes, memoryview]]] = None
+        self._pending_size = 0
+        self._watched = False
+        self._handler = _EMPTY_HANDLER
+        self._opened = False
+        self._aborted = False
+        self._close_timer: Optional[Timer] = None
+        self._ping_timer: Optional[Timer] = None
+        self._unanswered_since: Optional[float] = None
+        self._remote = remote_address
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.id} {self.ready_state.name} from {_fmt(self._remote)}>"
+
+    # -- The public API ---------------------------------------------------
+
+    @property
+    def remote_address(self) -> Any:
+        """The peer's address, as ``socket.getpeername()`` gives it."""
+        return self._remote
+
+    @property
+    def buffered_amount(self) -> int:
+        """Bytes queued for sending that the kernel has not taken yet."""
+        return self._pending_size
+
+    @property
+    def close_code(self) -> Optional[int]:
+        """The close code that ended (or is ending) the connection, once known."""
+        return self._proto.close_code if self._proto is not None else None
+
+    def send(self, message: Union[str, bytes, bytearray, memoryview],
+             timeout: Optional[float] = None) -> None:
+        """Send a text (``str``) or binary (``bytes``) message. Thread-safe.
+
+        Returns once the message is handed to the kernel or queued. If the
+        outgoing buffer is over ``write_limit`` (a peer reading slower than we
+        send), waits for room up to ``timeout`` seconds (default: the
+        ``send_timeout`` option) and then raises :class:`SendTimeout`.
+        Raises :class:`ConnectionClosed` once the connection is closing.
+        """
+        header, payload = encode_frame(message)
+        with self._lock:
+            proto = self._proto
+            if proto is None or not proto.is_open:
+                raise self._closed_error()
+            if self._pending_size > self._options.write_limit:
+                self._wait_for_room(self._options.send_timeout if timeout is None else timeout)
+            self._write_frame(header, payload)
+
+    def ping(self, data: Union[bytes, str] = b"") -> None:
+        """Send a ping (at most 125 bytes); the pong reaches ``on_pong``."""
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        with self._lock:
+            if self._proto is None:
+                raise self._closed_error()
+            self._write(self._proto.ping(data))
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Start the closing handshake; ``on_close`` follows once it completes
+        (or after ``close_timeout`` if the peer does not answer). Thread-safe;
+        does nothing if the connection is already closing."""
+        check_close_code(code)
+        if len(reason.encode("utf-8")) > 123:
+            raise ValueError("a close reason is at most 123 bytes of UTF-8")
+        self._close(code, reason)
+
+    def terminate(self) -> None:
+        """Drop the TCP connection at once, without a closing handshake.
+
+        ``on_close`` reports 1006, as for a connection that was lost."""
+        with self._lock:
+            if self._proto is not None and self.ready_state is not ReadyState.CLOSED:
+                self._proto.close_code = ABNORMAL
+                self._proto.close_reason = ""
+                self._proto.abandon()
+        self._abort()
+
+    # -- The write path ----------------------------------------------------
+
+    def _write(self, data: Union[bytes, bytearray]) -> None:
+        """Queue or send ``data``; the caller holds ``_lock``."""
+        if not data:
+            return
+        if self._pending is not None:
+            self._pending.append(data)
+            self._pending_size += len(data)
+            return
+        try:
+            sent = self._sock.send(data, _DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._write_failed()
+            return
+        if sent < len(data):
+            self._queue(memoryview(data)[sent:])
+
+    def _write_frame(self, header: bytes, payload: bytes) -> None:
+        """Queue or send one data frame; the caller holds ``_lock``."""
+        if len(payload) <= _JOIN_LIMIT or self._pending is not None:
+            if len(payload) <= _JOIN_LIMIT:
+                self._write(header + payload)
+            else:
+                self._write(header)
+                self._write(payload)
+            return
+        try:
+            sent = self._sock.sendmsg((header, payload), (), _DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._write_failed()
+            return
+        if sent < len(header):
+            self._queue(header[sent:])
+            self._queue(payload)
+        elif sent < len(header) + len(payload):
+            self._queue(memoryview(payload)[sent - len(header):])
+
+    def _queue(self, chunk: Union[bytes, memoryview]) -> None:
+        if self._pending is None:
+            self._pending = deque()
+        self._pending.append(chunk)
+        self._pending_size += len(chunk)
+        if not self._watched:
+            self._watched = True
+            self._host.flusher.watch(self._sock, self._flush)
+
+    def _flush(self) -> bool:
+        """Send what the kernel takes (writer thread); True when all is sent."""
+        with self._lock:
+            pending = self._pending
+            while pending:
+                chunk = pending[0]
+                try:
+                    sent = self._sock.send(chunk, _DONTWAIT)
+                except BlockingIOError:
+                    return False
+                except OSError:
+                    self._write_failed()
+                    return True
+                self._pending_size -= sent
+                if sent < len(chunk):
+                    pending[0] = memoryview(chunk)[sent:]
+                    self._notify_room()
+                    return False
+                pending.popleft()
+            self._pending = None
+            self._watched = False
+            self._notify_room()
+            return True
+
+    def _write_failed(self) -> None:
+        """The peer is gone (reset or broken pipe): drop what is queued; the
+        reader sees the end of the stream and finishes the connection."""
+        self._pending = None
+        self._pending_size = 0
+        self._notify_room()
+        if self._proto is not None:
+            self._proto.abandon()
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _notify_room(self) -> None:
+        if self._room is not None:
+            self._room.notify_all()
+
+    def _wait_for_room(self, timeout: Optional[float]) -> None:
+        """Wait, with ``_lock`` held, until the buffer is under ``write_limit``."""
+        if self._room is None:
+            self._room = threading.Condition(self._lock)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        limit = self._options.write_limit
+        while self._pending_size > limit:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise SendTimeout(f"the outgoing buffer stayed over write_limit ({limit} "
+                                  f"bytes) for {timeout} s: the peer is not reading")
+            self._room.wait(remaining)
+            if self._proto is None or not self._proto.is_open:
+                raise self._closed_error()
+
+    def _broadcast_frame(self, frame: bytes) -> bool:
+        """Queue a frame encoded for everyone; never waits. Returns False if
+        this client was skipped (closing) or closed for being over the limit."""
+        with self._lock:
+            proto = self._proto
+            if proto is None or not proto.is_open:
+                return False
+            if self._pending_size <= self._options.write_limit:
+                self._write(frame)
+                return True
+        self._overflow()
+        return False
+
+    def _overflow(self) -> None:
+        limit = self._options.write_limit
+        logger.warning("connection %s: closing it, its outgoing buffer is over write_limit "
+                       "(%s bytes): the client is not reading", self.id, limit)
+        with self._lock:
+            if self._proto is not None:
+                # The close frame would wait behind the backlog the peer is
+                # not reading, so it is recorded and TCP is dropped at once.
+                self._proto.close(1008, "outgoing buffer over write_limit")
+                self._proto.abandon()
+            self._pending = None
+            self._pending_size = 0
+            self._notify_room()
+        self._abort()
+
+    def _closed_error(self) -> ConnectionClosed:
+        proto = self._proto
+        if proto is None:
+            return ConnectionClosed()
+        return ConnectionClosed(proto.close_code, proto.close_reason)
+
+    # -- Closing -----------------------------------------------------------
+
+    def _close(self, code: int, reason: str) -> bool:
+        with self._lock:
+            if self._proto is None:
+                return False
+            data = self._proto.close(code, reason)
+            if not data:
+                return False
+            self._write(data)
+            self.ready_state = ReadyState.CLOSING
+        if self._options.close_timeout is not None:
+            self._close_timer = self._host.timers.call_later(
+                self._options.close_timeout, self._close_timed_out)
+        return True
+
+    def _close_timed_out(self) -> None:
+        if self.ready_state is not ReadyState.CLOSED:
+            logger.info("connection %s: no answer to our close frame in %s s; dropping it",
+                        self.id, self._options.close_timeout)
+            self._abort()
+
+    def _abort(self) -> None:
+        """Drop TCP now (from any thread): the reader wakes up and finishes."""
+        self._aborted = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _fail_from_outside(self, code: int, reason: str) -> None:
+        """Send a close frame if possible, and drop TCP without waiting."""
+        with self._lock:
+            if self._proto is not None:
+                self._write(self._proto.close(code, reason))
+                self._proto.abandon(code, reason)
+        self._abort()
+
+    # -- Keepalive ---------------------------------------------------------
+
+    def _start_keepalive(self) -> None:
+        if self._options.ping_interval is not None:
+            self._ping_timer = self._host.timers.call_later(
+                self._options.ping_interval, self._keepalive)
+
+    def _keepalive(self) -> None:
+        options = self._options
+        now = time.monotonic()
+        since = self._unanswered_since
+        if since is not None and options.ping_timeout is not None \
+                and now - since >= options.ping_timeout:
+            logger.info("connection %s: no pong in %s s; closing it", self.id,
+                        options.ping_timeout)
+            self._fail_from_outside(1011, "keepalive ping timeout")
+            return
+        with self._lock:
+            proto = self._proto
+            if proto is None or not proto.is_open:
+                return
+            self._write(proto.ping(b""))
+        if since is None:
+            self._unanswered_since = now
+        delay = options.ping_interval
+        if options.ping_timeout is not None:
+            delay = min(delay, (self._unanswered_since or now) + options.ping_timeout - now)
+        self._ping_timer = self._host.timers.call_later(max(delay, 0.0), self._keepalive)
+
+    # -- The connection's thread -------------------------------------------
+
+    def run(self) -> None:
+        """The connection's thread: handshake, events, close. Never raises."""
+        try:
+            if self._handshake():
+                self._serve()
+        except Exception:
+            logger.exception("connection %s: unexpected error", self.id)
+        finally:
+            self._finish()
+
+    def _handshake(self) -> bool:
+        sock = self._sock
+        options = self._options
+        parser = RequestParser(options.max_request_size)
+        deadline = None
+        if options.handshake_timeout is not None:
+            deadline = time.monotonic() + options.handshake_timeout
+        try:
+            while True:
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise socket.timeout
+                    sock.settimeout(remaining)
+                data = sock.recv(65536)
+                try:
+                    event = parser.feed(data)
+                except EOFError:
+                    return False
+                if event is not None:
+                    break
+            request = to_request(event, self._remote)
+            self.request = request
+            if request.method != "GET":
+                raise HandshakeError(405, "a WebSocket handshake is a GET request",
+                                     [("Allow", "GET")])
+            view = self._host.route(request)
+            if view is None:
+                raise HandshakeError(404, f"no WebSocket endpoint at {request.path}")
+            key = check_upgrade(request)
+            offered = request.subprotocols
+            self.subprotocol = next((p for p in offered if p in view.block.subprotocols), None)
+            sock.sendall(accept_response(key, self.subprotocol))
+        except HandshakeError as exc:
+            logger.info("connection %s from %s: rejected with %s: %s", self.id,
+                        _fmt(self._remote), exc.status, exc.message)
+            self._reject(error_response(exc.status, exc.message, exc.headers))
+            return False
+        except socket.timeout:
+            logger.info("connection %s from %s: no complete handshake in %s s", self.id,
+                        _fmt(self._remote), options.handshake_timeout)
+            return False
+        except OSError:
+            return False
+        sock.settimeout(None)
+        self.server = view
+        self._proto = Protocol(options.max_message_size, parser.trailing_data)
+        self.ready_state = ReadyState.OPEN
+        return True
+
+    def _reject(self, response: bytes) -> None:
+        try:
+            self._sock.sendall(response)
+            self._linger()
+        except OSError:
+            pass
+
+    def _linger(self) -> None:
+        """Half-close and read until the peer closes too (or ``close_timeout``),
+        so that unread input does not turn our last bytes into a reset."""
+        sock = self._sock
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + (self._options.close_timeout or 10.0)
+            while not self._aborted:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                sock.settimeout(remaining)
+                if not sock.recv(65536):
+                    return
+        except OSError:
+            pass
+
+    def _serve(self) -> None:
+        try:
+            handler = as_handler(self.server.block.websocket(self))
+        except Exception as exc:
+            logger.error("connection %s: the block's handler raised; closing with 1011",
+                         self.id, exc_info=exc)
+            self._close(1011, "internal error")
+            self._read_until_closed()
+            return
+        self._handler = handler
+        self._opened = True
+        self.server._attach(self)
+        self._start_keepalive()
+        if handler.on_open is not None:
+            self._call("on_open", handler.on_open)
+        self._read_until_closed()
+
+    def _read_until_closed(self) -> None:
+        sock = self._sock
+        recv = sock.recv
+        lock = self._lock
+        proto = self._proto
+        assert proto is not None
+        handler = self._handler
+        on_message = handler.on_message
+        while True:
+            # Everything the last read brought in, one event at a time.
+            while True:
+                with lock:
+                    out, event = proto.next_event()
+                    if out:
+                        self._write(out)
+                if event is None:
+                    break
+                kind = type(event)
+                if kind is Message:
+                    if on_message is not None:
+                        try:
+                            on_message(event.data)
+                        except Exception as exc:
+                            self._callback_failed("on_message", exc)
+                elif kind is Pong:
+                    self._unanswered_since = None
+                    if handler.on_pong is not None:
+                        self._call("on_pong", handler.on_pong, event.data)
+                elif kind is Closed:
+                    self.ready_state = ReadyState.CLOSING
+                    self._wait_flushed()
+                    return
+                elif kind is Failed:
+                    logger.info("connection %s: failed with %s: %s", self.id,
+                                event.code, event.reason)
+                    self.ready_state = ReadyState.CLOSING
+                    self._wait_flushed()
+                    self._linger()
+                    return
+            try:
+                data = recv(_RECV_SIZE)
+            except OSError:
+                data = b""
+            if not data:
+                with lock:
+                    proto.abandon()
+                return
+            with lock:
+                proto.receive_data(data)
+
+    def _wait_flushed(self) -> None:
+        """Let the writer thread send our last frames (within ``close_timeout``)."""
+        with self._lock:
+            if self._pending is None:
+                return
+            if self._room is None:
+                self._room = threading.Condition(self._lock)
+            deadline = time.monotonic() + (self._options.close_timeout or 10.0)
+            while self._pending is not None and not self._aborted:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._room.wait(remaining)
+
+    def _call(self, name: str, callback: Callable[..., Any], *args: Any) -> None:
+        try:
+            callback(*args)
+        except Exception as exc:
+            self._callback_failed(name, exc)
+
+    def _callback_failed(self, name: str, exc: Exception) -> None:
+        logger.error("connection %s: %s raised", self.id, name, exc_info=exc)
+        on_error = self._handler.on_error
+        if on_error is None:
+            return
+        try:
+            on_error(exc)
+        except Exception as error_exc:
+            logger.error("connection %s: on_error raised; closing with 1011", self.id,
+                         exc_info=error_exc)
+            try:
+                self._close(1011, "internal error")
+            except OSError:
+                pass
+
+    def _finish(self) -> None:
+        with self._lock:
+            self.ready_state = ReadyState.CLOSED
+            proto = self._proto
+            if proto is not None:
+                proto.abandon()
+            self._pending = None
+            self._pending_size = 0
+            self._notify_room()
+            watched, self._watched = self._watched, False
+        for timer in (self._close_timer, self._ping_timer):
+            if timer is not None:
+                timer.cancel()
+        if watched:
+            self._host.flusher.forget(self._sock)
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+        try:
+            if self._opened:
+                self.server._detach(self)
+                on_close = self._handler.on_close
+                if on_close is not None:
+                    assert proto is not None
+                    try:
+                        on_close(proto.close_code or ABNORMAL, proto.close_reason)
+                    except Exception:
+                        logger.exception("connection %s: on_close raised", self.id)
+        finally:
+            self._host.release(self)
+
+
+def _fmt(address: Any) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f"{address[0]}:{address[1]}"
+    return str(address)

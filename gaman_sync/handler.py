@@ -1,0 +1,65 @@
+"""The callbacks a block's handler returns for each connection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Mapping, Optional, Union
+
+__all__ = ["WebSocketHandler", "HandlerLike", "as_handler"]
+
+
+@dataclass(frozen=True)
+class WebSocketHandler:
+    """What to do on each event of one connection. Every callback is optional.
+
+    All of them run in the connection's own thread, one at a time, so a
+    callback that takes long delays that connection's other events (its
+    automatic pong replies and its close included), never another connection.
+    """
+
+    on_open: Optional[Callable[[], Any]] = None
+    """Called once, after the handshake and before any other callback."""
+    on_message: Optional[Callable[[Union[str, bytes]], Any]] = None
+    """Called with each whole message: ``str`` for text, ``bytes`` for binary."""
+    on_close: Optional[Callable[[int, str], Any]] = None
+    """Called exactly once, last, with the close code and reason that ended it."""
+    on_pong: Optional[Callable[[bytes], Any]] = None
+    """Called with the payload of each pong the peer sends."""
+    on_error: Optional[Callable[[Exception], Any]] = None
+    """Called with any exception another callback raised; the connection stays open."""
+    on_redirect: Optional[Callable[[str, Any], Any]] = None
+    """Called by the client when a server redirects it (``url``, ``request``)."""
+
+
+_NAMES = frozenset(f.name for f in fields(WebSocketHandler))
+# GamanJS spells the keys in camelCase; accepting them makes porting a handler trivial.
+_CAMEL = {"onOpen": "on_open", "onMessage": "on_message", "onClose": "on_close",
+          "onPong": "on_pong", "onError": "on_error", "onRedirect": "on_redirect"}
+
+HandlerLike = Union[WebSocketHandler, Mapping[str, Optional[Callable[..., Any]]], None]
+
+
+def as_handler(value: HandlerLike) -> WebSocketHandler:
+    """Turn what a block's handler returned into a :class:`WebSocketHandler`.
+
+    Accepts a ``WebSocketHandler``, a mapping with the same keys (snake_case or
+    GamanJS camelCase), or ``None`` for no callbacks at all.
+    """
+    if isinstance(value, WebSocketHandler):
+        return value
+    if value is None:
+        return WebSocketHandler()
+    if not isinstance(value, Mapping):
+        raise TypeError(
+            "a websocket handler must return a WebSocketHandler or a dict of "
+            f"callbacks, not {type(value).__name__}"
+        )
+    callbacks = {}
+    for key, callback in value.items():
+        name = _CAMEL.get(key, key)
+        if name not in _NAMES:
+            raise TypeError(f"unknown callback {key!r}; expected one of {sorted(_NAMES)}")
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback {key!r} is not callable")
+        callbacks[name] = callback
+    return WebSocketHandler(**callbacks)

@@ -1,0 +1,105 @@
+"""The HTTP request that opened a WebSocket connection."""
+
+from __future__ import annotations
+
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from urllib.parse import parse_qsl, unquote
+
+__all__ = ["Headers", "Request"]
+
+
+class Headers(Mapping[str, str]):
+    """Read-only, case-insensitive HTTP headers.
+
+    ``headers["name"]`` gives the values of a repeated header joined with
+    ``", "``, as HTTP allows; :meth:`get_all` gives them one by one.
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Sequence[Tuple[str, str]]) -> None:
+        self._items = tuple(items)
+
+    def get_all(self, name: str) -> List[str]:
+        """Every value of header ``name``, in the order they were sent."""
+        name = name.lower()
+        return [v for k, v in self._items if k.lower() == name]
+
+    def raw_items(self) -> Tuple[Tuple[str, str], ...]:
+        """The headers as sent: (name, value) pairs, repeats kept."""
+        return self._items
+
+    def __getitem__(self, name: str) -> str:
+        values = self.get_all(name)
+        if not values:
+            raise KeyError(name)
+        return ", ".join(values)
+
+    def __iter__(self) -> Iterator[str]:
+        seen = set()
+        for k, _ in self._items:
+            if k.lower() not in seen:
+                seen.add(k.lower())
+                yield k
+
+    def __len__(self) -> int:
+        return len({k.lower() for k, _ in self._items})
+
+    def __repr__(self) -> str:
+        return f"Headers({list(self._items)!r})"
+
+
+class Request:
+    """The opening handshake request of a connection (``ctx.request``)."""
+
+    __slots__ = ("method", "target", "path", "query_string", "headers",
+                 "remote_address", "http_version", "_query")
+
+    def __init__(
+        self,
+        method: str,
+        target: str,
+        headers: Headers,
+        remote_address: Optional[Tuple] = None,
+        http_version: str = "1.1",
+    ) -> None:
+        self.method = method
+        """The HTTP method, ``"GET"`` for every WebSocket handshake."""
+        self.target = target
+        """The request target as sent: path and query string."""
+        path, _, query = target.partition("?")
+        self.path = unquote(path)
+        """The path, percent-decoded, without the query string."""
+        self.query_string = query
+        """The raw query string, without the ``?``."""
+        self.headers = headers
+        """The request headers (case-insensitive)."""
+        self.remote_address = remote_address
+        """The peer's address, as ``socket.getpeername()`` gives it."""
+        self.http_version = http_version
+        self._query: Optional[Dict[str, str]] = None
+
+    @property
+    def query(self) -> Mapping[str, str]:
+        """Query parameters, decoded; the last value wins where a name repeats
+        (use ``urllib.parse.parse_qs(request.query_string)`` to keep them all)."""
+        if self._query is None:
+            self._query = dict(parse_qsl(self.query_string, keep_blank_values=True))
+        return self._query
+
+    @property
+    def host(self) -> Optional[str]:
+        """The ``Host`` header."""
+        return self.headers.get("host")
+
+    @property
+    def subprotocols(self) -> List[str]:
+        """The subprotocols the client offered, in its order of preference."""
+        return _tokens(self.headers.get_all("sec-websocket-protocol"))
+
+    def __repr__(self) -> str:
+        return f"<Request {self.method} {self.target} from {self.remote_address}>"
+
+
+def _tokens(values: Sequence[str]) -> List[str]:
+    return [t.strip() for v in values for t in v.split(",") if t.strip()]

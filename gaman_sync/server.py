@@ -1,0 +1,463 @@
+"""The server: accepting, routing blocks by path, the clients of each block,
+and a shutdown that leaves nothing running.
+
+Threads: one accepts, one runs every timer, one drains slow peers' buffers,
+and each connection has its own. Nothing else.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import selectors
+import signal
+import socket
+import threading
+import time
+from typing import (Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union)
+
+from .block import Block
+from .connection import Connection, ReadyState
+from .flusher import Flusher
+from .handshake import error_response
+from .options import Options
+from .protocol import encode_frame
+from .request import Request
+from .timers import Timers
+
+__all__ = ["WebSocketServer", "BlockServer", "serve"]
+
+logger = logging.getLogger("gaman_sync")
+
+Message = Union[str, bytes, bytearray, memoryview]
+Exclude = Union[Connection, Iterable[Connection], None]
+
+# accept() errors that mean "out of resources for now": wait, then try again.
+_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+class BlockServer:
+    """One block's view of the server: ``ctx.server`` in a handler.
+
+    As in GamanJS, where each block has its own ``ws`` server, ``clients``
+    and ``broadcast`` cover this block's connections only. ``root`` is the
+    whole :class:`WebSocketServer` (every block, ``shutdown``, ``port``).
+    """
+
+    def __init__(self, root: "WebSocketServer", block: Block) -> None:
+        self.root = root
+        """The :class:`WebSocketServer` that runs this block."""
+        self.block = block
+        """The :class:`~gaman_sync.Block` served."""
+        self._clients: Dict[Connection, None] = {}
+
+    @property
+    def path(self) -> str:
+        """The block's path."""
+        return self.block.path
+
+    @property
+    def clients(self) -> List[Connection]:
+        """The open connections of this block, in the order they opened (a snapshot)."""
+        with self.root._lock:
+            return list(self._clients)
+
+    @property
+    def port(self) -> int:
+        """The port the server listens on."""
+        return self.root.port
+
+    @property
+    def address(self) -> Tuple[Any, ...]:
+        """The address the server listens on."""
+        return self.root.address
+
+    def broadcast(self, message: Message, exclude: Exclude = None) -> int:
+        """Send ``message`` to every open client of this block; never blocks.
+
+        The frame is encoded once and queued for each client. A client whose
+        outgoing buffer is already over ``write_limit`` is closed with 1008
+        instead of holding up the others. Returns the number of clients the
+        message was queued for.
+        """
+        with self.root._lock:
+            clients = list(self._clients)
+        return _broadcast(clients, message, exclude)
+
+    def _attach(self, conn: Connection) -> None:
+        with self.root._lock:
+            self._clients[conn] = None
+
+    def _detach(self, conn: Connection) -> None:
+        with self.root._lock:
+            self._clients.pop(conn, None)
+
+    def __repr__(self) -> str:
+        return f"<BlockServer {self.path} with {len(self._clients)} clients>"
+
+
+def _broadcast(clients: Sequence[Connection], message: Message, exclude: Exclude) -> int:
+    header, payload = encode_frame(message)
+    frame = header + payload
+    if isinstance(exclude, Connection):
+        exclude = (exclude,)
+    skip = set(exclude) if exclude is not None else ()
+    sent = 0
+    for conn in clients:
+        if conn not in skip and conn._broadcast_frame(frame):
+            sent += 1
+    return sent
+
+
+class WebSocketServer:
+    """A threaded WebSocket server for one or more blocks.
+
+    For embedding in a program that is not async::
+
+        server = WebSocketServer([block], port=0)
+        server.start()            # returns once listening; server.port is set
+        ...                       # send from any thread
+        server.shutdown()
+
+    It is also a context manager (``start`` on entry, ``shutdown`` on exit).
+    Options are keyword arguments, as listed in :class:`~gaman_sync.Options`.
+    """
+
+    def __init__(self, blocks: Union[Block, Sequence[Block]], host: str = "127.0.0.1",
+                 port: int = 8000, *, backlog: int = 1024, **options: Any) -> None:
+        if isinstance(blocks, Block):
+            blocks = [blocks]
+        self.options = Options.from_kwargs(options)
+        """The :class:`~gaman_sync.Options` every connection uses."""
+        self.host = host
+        self._requested_port = port
+        self._backlog = backlog
+        self._lock = threading.RLock()
+        self._routes: Dict[str, BlockServer] = {}
+        for block in blocks:
+            if not isinstance(block, Block):
+                raise TypeError(f"expected a Block (from define_block), not {block!r}")
+            if block.path in self._routes:
+                raise ValueError(f"two blocks share the path {block.path!r}")
+            self._routes[block.path] = BlockServer(self, block)
+        if not self._routes:
+            raise ValueError("a server needs at least one block")
+        self.timers = Timers()
+        self.flusher = Flusher()
+        self._connections: Dict[Connection, None] = {}
+        self._ids = itertools.count(1)
+        self._listener: Optional[socket.socket] = None
+        self._accept_thread: Optional[threading.Thread] = None
+        self._wake_r: Optional[socket.socket] = None
+        self._wake_w: Optional[socket.socket] = None
+        self._closing = False
+        self._stop_requested = threading.Event()
+        self._done = threading.Event()
+        self._shutdown_started = False
+        self._released = threading.Condition(self._lock)
+
+    # -- Public API -----------------------------------------------------
+
+    @property
+    def blocks(self) -> List[BlockServer]:
+        """Each block's view (what its handlers see as ``ctx.server``)."""
+        return list(self._routes.values())
+
+    @property
+    def clients(self) -> List[Connection]:
+        """The open connections of every block (a snapshot)."""
+        with self._lock:
+            return [c for view in self._routes.values() for c in view._clients]
+
+    @property
+    def address(self) -> Tuple[Any, ...]:
+        """The address the server listens on (after :meth:`start`)."""
+        if self._listener is None:
+            raise RuntimeError("the server is not listening; call start() first")
+        return self._listener.getsockname()
+
+    @property
+    def port(self) -> int:
+        """The port the server listens on: the one picked when 0 was asked."""
+        return self.address[1]
+
+    def broadcast(self, message: Message, exclude: Exclude = None) -> int:
+        """Send ``message`` to the open clients of every block (see
+        :meth:`BlockServer.broadcast`)."""
+        return _broadcast(self.clients, message, exclude)
+
+    def start(self) -> "WebSocketServer":
+        """Listen and accept in a background thread; return once listening."""
+        with self._lock:
+            if self._listener is not None:
+                return self
+            if self._closing:
+                raise RuntimeError("the server was shut down")
+            self._listener = _listen(self.host, self._requested_port, self._backlog)
+            self._wake_r, self._wake_w = socket.socketpair()
+            for s in (self._listener, self._wake_r, self._wake_w):
+                s.setblocking(False)
+            self._accept_thread = self._thread(self._accept_loop, "gaman_sync-accept")
+            self._accept_thread.start()
+        logger.info("listening on %s", _fmt_address(self.address))
+        return self
+
+    def serve_forever(self) -> None:
+        """Start if needed, and block until the server is shut down (by
+        :meth:`shutdown` from anywhere, or a stop request from a signal)."""
+        self.start()
+        try:
+            while not self._done.is_set() and not self._stop_requested.is_set():
+                self._stop_requested.wait(0.5)
+        finally:
+            self.shutdown()
+
+    def request_shutdown(self) -> None:
+        """Ask :meth:`serve_forever` to shut down and return. Safe in a signal handler."""
+        self._stop_requested.set()
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop accepting, close every connection with 1001, and end every thread.
+
+        Clients get ``timeout`` seconds (less a short grace) to answer the
+        close; the connections that have not are then dropped. Every
+        ``on_close`` runs once. Called from one of the server's own threads
+        (a callback, say), it starts the shutdown in a new thread and returns
+        at once, since it cannot wait for the thread it runs in.
+        """
+        if getattr(threading.current_thread(), "_gaman_server", None) is self:
+            with self._lock:
+                if self._shutdown_started:
+                    return
+            threading.Thread(target=self.shutdown, args=(timeout,),
+                             name="gaman_sync-shutdown", daemon=True).start()
+            return
+        with self._lock:
+            started, self._shutdown_started = self._shutdown_started, True
+        if started:
+            self._done.wait(timeout + 2.0)
+            return
+        try:
+            self._shutdown(timeout)
+        finally:
+            self._done.set()
+
+    def __enter__(self) -> "WebSocketServer":
+        return self.start()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.shutdown()
+
+    def __repr__(self) -> str:
+        where = _fmt_address(self.address) if self._listener is not None else "not listening"
+        return f"<WebSocketServer {where}, {len(self._connections)} connections>"
+
+    # -- What connections call back (the host interface) -------------------
+
+    def route(self, request: Request) -> Optional[BlockServer]:
+        """The block that serves ``request``'s path, or None (404)."""
+        return self._routes.get(request.path)
+
+    def release(self, conn: Connection) -> None:
+        """A connection's thread is done with it."""
+        with self._lock:
+            self._connections.pop(conn, None)
+            self._released.notify_all()
+
+    # -- Internals -----------------------------------------------------
+
+    def _thread(self, target: Any, name: str) -> threading.Thread:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread._gaman_server = self  # type: ignore[attr-defined]
+        return thread
+
+    def _accept_loop(self) -> None:
+        listener = self._listener
+        assert listener is not None and self._wake_r is not None
+        selector = selectors.DefaultSelector()
+        selector.register(listener, selectors.EVENT_READ)
+        selector.register(self._wake_r, selectors.EVENT_READ)
+        backoff = 0.0
+        try:
+            while not self._closing:
+                selector.select(backoff or None)
+                while not self._closing:
+                    try:
+                        sock, address = listener.accept()
+                    except BlockingIOError:
+                        break
+                    except OSError as exc:
+                        if exc.errno in _RESOURCE_ERRORS:
+                            if not backoff:
+                                logger.warning("accept() failed (%s); backing off until "
+                                               "descriptors are free", exc.strerror)
+                            backoff = min(max(backoff * 2, 0.01), 0.1)
+                        elif exc.errno in (errno.EBADF, errno.EINVAL):
+                            return  # the listener was closed
+                        else:
+                            logger.info("accept() failed: %s", exc)
+                        break
+                    if backoff:
+                        logger.warning("accept() works again")
+                        backoff = 0.0
+                    self._spawn(sock, address)
+                if backoff:
+                    # A listener with a full backlog stays readable; sleep
+                    # instead of spinning, but wake up for shutdown.
+                    self._wait_wake(backoff)
+                else:
+                    self._drain_wake()
+        except Exception:
+            logger.exception("the accept loop failed")
+        finally:
+            selector.close()
+
+    def _wait_wake(self, delay: float) -> None:
+        ready = selectors.DefaultSelector()
+        try:
+            ready.register(self._wake_r, selectors.EVENT_READ)  # type: ignore[arg-type]
+            ready.select(delay)
+        finally:
+            ready.close()
+        self._drain_wake()
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):  # type: ignore[union-attr]
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _spawn(self, sock: socket.socket, address: Any) -> None:
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        with self._lock:
+            if self._closing:
+                sock.close()
+                return
+            if len(self._connections) >= self.options.max_connections:
+                busy = True
+            else:
+                busy = False
+                conn = Connection(sock, address, self, next(self._ids))
+                self._connections[conn] = None
+        if busy:
+            self._refuse(sock, address)
+            return
+        thread = self._thread(conn.run, f"gaman_sync-conn-{conn.id}")
+        conn.thread = thread
+        try:
+            thread.start()
+        except RuntimeError as exc:  # "can't start new thread"
+            logger.warning("could not start a thread for a connection: %s", exc)
+            self.release(conn)
+            sock.close()
+
+    def _refuse(self, sock: socket.socket, address: Any) -> None:
+        """Answer 503 without a thread: the server is at ``max_connections``."""
+        logger.warning("refusing a connection from %s: max_connections (%s) reached",
+                       _fmt_address(address), self.options.max_connections)
+        try:
+            sock.setblocking(False)
+            sock.send(error_response(503, "too many connections, try again later",
+                                     [("Retry-After", "1")]))
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            sock.close()
+            return
+        # Closing now, with the request unread, would reset the connection
+        # and could destroy the response before the client reads it.
+        self.timers.call_later(1.0, _close_quietly, sock)
+
+    def _shutdown(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self._closing = True
+        if self._wake_w is not None:
+            try:
+                self._wake_w.send(b"\0")
+            except OSError:
+                pass
+        if self._accept_thread is not None:
+            self._accept_thread.join(max(deadline - time.monotonic(), 0.1))
+        if self._listener is not None:
+            self._listener.close()
+        with self._lock:
+            conns = list(self._connections)
+        for conn in conns:
+            if conn.ready_state is ReadyState.CONNECTING:
+                conn._abort()
+            else:
+                conn._close(1001, "server shutting down")
+        grace = min(1.0, timeout / 4)
+        if not self._wait_released(deadline - grace):
+            with self._lock:
+                remaining = list(self._connections)
+            logger.info("shutdown: dropping %d connection(s) that did not close in time",
+                        len(remaining))
+            for conn in remaining:
+                conn._abort()
+            if not self._wait_released(deadline):
+                with self._lock:
+                    stuck = len(self._connections)
+                logger.warning("shutdown: %d connection thread(s) still running "
+                               "(a callback that does not return?)", stuck)
+        for conn in conns:
+            if conn.thread is not None and conn.thread is not threading.current_thread():
+                conn.thread.join(max(deadline - time.monotonic(), 0.01))
+        self.timers.stop(1.0)
+        self.flusher.stop(1.0)
+        for s in (self._wake_r, self._wake_w):
+            if s is not None:
+                s.close()
+        logger.info("shut down")
+
+    def _wait_released(self, deadline: float) -> bool:
+        with self._lock:
+            while self._connections:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._released.wait(remaining)
+            return True
+
+
+def _listen(host: str, port: int, backlog: int) -> socket.socket:
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                               flags=socket.AI_PASSIVE)
+    family = infos[0][0]
+    address = infos[0][4]
+    return socket.create_server(address, family=family, backlog=backlog)
+
+
+def _close_quietly(sock: socket.socket) -> None:
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+def _fmt_address(address: Any) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host = address[0]
+        return f"[{host}]:{address[1]}" if ":" in str(host) else f"{host}:{address[1]}"
+    return str(address)
+
+
+def serve(blocks: Union[Block, Sequence[Block]], host: str = "127.0.0.1", port: int = 8000,
+          **options: Any) -> None:
+    """Run a server until Ctrl-C or SIGTERM, then shut it down cleanly."""
+    server = WebSocketServer(blocks, host=host, port=port, **options)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda *_: server.request_shutdown())
+    try:
+        server.serve_forever()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
