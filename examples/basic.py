@@ -26,5 +26,7 @@ def websocket(ctx):
 block = define_block(path="/", websocket=websocket)
 
 if __name__ == "__main__":
+    import os
+
     logging.basicConfig(level=logging.INFO)
-    serve(block, port=8000)
+    serve(block, port=int(os.environ.get("PORT", "8000")))

@@ -27,5 +27,7 @@ def chat(ctx):
 block = define_block(path="/chat", websocket=chat)
 
 if __name__ == "__main__":
+    import os
+
     logging.basicConfig(level=logging.INFO)
-    serve(block, port=8000)
+    serve(block, port=int(os.environ.get("PORT", "8000")))

@@ -3,6 +3,8 @@
 Run: ``python -m gaman_sync examples.echo:block`` or ``python examples/echo.py``.
 """
 
+import logging
+
 from gaman_sync import define_block, serve
 
 
@@ -13,4 +15,7 @@ def echo(ctx):
 block = define_block(path="/echo", websocket=echo)
 
 if __name__ == "__main__":
-    serve(block, port=8000)
+    import os
+
+    logging.basicConfig(level=logging.INFO)
+    serve(block, port=int(os.environ.get("PORT", "8000")))

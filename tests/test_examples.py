@@ -1,0 +1,135 @@
+"""Every example, exercised: in process, through the CLI, and as a script."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from websockets.sync.client import connect
+
+from examples import advanced, basic, chat, echo
+
+from .conftest import WAIT
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_echo(make_server):
+    server = make_server(echo.block)
+    with connect(f"ws://127.0.0.1:{server.port}/echo") as ws:
+        ws.send("hello")
+        assert ws.recv(timeout=WAIT) == "hello"
+        ws.send(b"\x01\x02")
+        assert ws.recv(timeout=WAIT) == b"\x01\x02"
+
+
+def test_chat_clients_see_each_other(make_server):
+    server = make_server(chat.block)
+    address = f"ws://127.0.0.1:{server.port}/chat"
+    with connect(address) as alice, connect(address) as bob:
+        wait_clients(server, 2)
+        alice.send("hi from alice")
+        assert bob.recv(timeout=WAIT) == "hi from alice"
+        assert alice.recv(timeout=WAIT) == "hi from alice"
+        bob.send("hi from bob")
+        assert alice.recv(timeout=WAIT) == "hi from bob"
+        assert bob.recv(timeout=WAIT) == "hi from bob"
+
+
+def test_basic_block_from_the_gamanjs_page(make_server, caplog):
+    server = make_server(basic.block)
+    with caplog.at_level("INFO", logger="examples.basic"):
+        with connect(f"ws://127.0.0.1:{server.port}/") as ws:
+            ws.send("hello")
+            assert ws.recv(timeout=WAIT) == "Echo: hello"
+        wait_for(lambda: any("Connection closed. Code: 1000" in r.getMessage()
+                             for r in caplog.records))
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("Connected clients:") for m in messages)
+    assert "Connection opened" in messages
+    assert "Received message: hello" in messages
+
+
+def test_advanced_block_from_the_gamanjs_page(make_server, caplog):
+    server = make_server(advanced.block)
+    with caplog.at_level("INFO", logger="examples.advanced"):
+        with connect(f"ws://127.0.0.1:{server.port}/") as ws:
+            ws.send("ping")
+            assert ws.recv(timeout=WAIT) == "pong"
+            ws.send("anything")
+            assert ws.recv(timeout=WAIT) == "Unknown message"
+            ws.pong(b"hb")
+            wait_for(lambda: any("Pong received: b'hb'" in r.getMessage()
+                                 for r in caplog.records))
+
+
+def wait_clients(server, n):
+    wait_for(lambda: len(server.clients) >= n)
+
+
+def wait_for(predicate, timeout=WAIT):
+    """Poll a condition that no event announces (log records, client counts)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("command", [
+    [sys.executable, "-m", "gaman_sync", "examples.chat:block", "--port", "0"],
+    [sys.executable, "examples/chat.py"],
+], ids=["python -m gaman_sync", "python examples/chat.py"])
+def test_chat_runs_from_the_command_line(command):
+    env = dict(os.environ, PORT="0", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        port = read_port(proc)
+        address = f"ws://127.0.0.1:{port}/chat"
+        with connect(address) as alice, connect(address) as bob:
+            alice.send("across processes")
+            assert bob.recv(timeout=WAIT) == "across processes"
+        proc.send_signal(2)  # Ctrl-C shuts it down cleanly
+        _, err = proc.communicate(timeout=WAIT)
+        assert proc.returncode == 0
+        assert "shut down" in err
+        assert "Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def read_port(proc):
+    """The port from the 'listening on' log line (the server picked it)."""
+    lines = []
+    result = {}
+
+    def reader():
+        for line in proc.stderr:
+            lines.append(line)
+            match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+            if match:
+                result["port"] = int(match.group(1))
+                return
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    thread.join(WAIT)
+    assert "port" in result, f"no 'listening on' line; stderr so far: {lines!r}"
+    return result["port"]
+
+
+def test_cli_help_and_bad_target():
+    out = subprocess.run([sys.executable, "-m", "gaman_sync", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=WAIT)
+    assert out.returncode == 0 and "MODULE:ATTR" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "gaman_sync", "examples.chat:nothing"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=WAIT)
+    assert out.returncode == 2 and "cannot load" in out.stderr
