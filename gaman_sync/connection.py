@@ -50,7 +50,11 @@ __all__ = ["Connection", "ReadyState"]
 logger = logging.getLogger("gaman_sync")
 
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
-_RECV_SIZE = 256 * 1024
+# Reads start small and grow while they come back full: an idle connection
+# blocks in recv() holding a small buffer (CPython allocates it up front),
+# a large message is read in large chunks.
+_RECV_MIN = 2048
+_RECV_MAX = 512 * 1024
 # Below this, header and payload are joined and sent with one send(); above
 # it, sendmsg() sends both without copying the payload.
 _JOIN_LIMIT = 16 * 1024
@@ -412,7 +416,7 @@ class Connection:
                     if remaining <= 0:
                         raise socket.timeout
                     sock.settimeout(remaining)
-                data = sock.recv(65536)
+                data = sock.recv(_RECV_MIN)
                 try:
                     event = parser.feed(data)
                 except EOFError:
@@ -497,6 +501,7 @@ class Connection:
         assert proto is not None
         handler = self._handler
         on_message = handler.on_message
+        size = _RECV_MIN
         while True:
             # Everything the last read brought in, one event at a time.
             while True:
@@ -529,13 +534,18 @@ class Connection:
                     self._linger()
                     return
             try:
-                data = recv(_RECV_SIZE)
+                data = recv(size)
             except OSError:
                 data = b""
             if not data:
                 with lock:
                     proto.abandon()
                 return
+            if len(data) == size:
+                if size < _RECV_MAX:
+                    size <<= 2
+            elif size > _RECV_MIN and len(data) < size >> 4:
+                size >>= 2
             with lock:
                 proto.receive_data(data)
 
