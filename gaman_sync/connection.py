@@ -34,16 +34,13 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, Optional, Union
 
 from .errors import ConnectionClosed, SendTimeout
 from .handler import WebSocketHandler, as_handler
-from .handshake import (HandshakeError, RequestParser, accept_response, check_upgrade,
-                        error_response, to_request)
 from .options import Options
 from .protocol import (ABNORMAL, Closed, Failed, Message, Pong, Protocol,
                        check_close_code, encode_frame)
 from .request import Request
 
 if TYPE_CHECKING:
-    from .flusher import Flusher
-    from .timers import Timer, Timers
+    from .timers import Timer
 
 __all__ = ["Connection", "ReadyState"]
 
@@ -84,17 +81,18 @@ class Connection:
                  "_close_timer", "_ping_timer", "_unanswered_since", "thread",
                  "__dict__", "__weakref__")
 
-    def __init__(self, sock: socket.socket, remote_address: Any, host: Any,
-                 conn_id: int) -> None:
+    def __init__(self, sock: socket.socket, remote_address: Any, host: Any, conn_id: int,
+                 request: Request, server: Any, subprotocol: Optional[str] = None,
+                 trailing_data: bytes = b"") -> None:
         self.id = conn_id
         """A number unique among the connections of this server."""
-        self.server: Any = None
+        self.server = server
         """The block's server (``clients``, ``broadcast``; ``root`` is the whole server)."""
-        self.request: Optional[Request] = None
+        self.request = request
         """The opening handshake's request (path, query, headers, remote address)."""
-        self.subprotocol: Optional[str] = None
+        self.subprotocol = subprotocol
         """The subprotocol selected in the handshake, or ``None``."""
-        self.ready_state = ReadyState.CONNECTING
+        self.ready_state = ReadyState.OPEN
         """CONNECTING, OPEN, CLOSING or CLOSED, as ``WebSocket.readyState``."""
         self.thread: Optional[threading.Thread] = None
         self._sock = sock
@@ -102,7 +100,7 @@ class Connection:
         self._options: Options = host.options
         self._lock = threading.Lock()
         self._room: Optional[threading.Condition] = None
-        self._proto: Optional[Protocol] = None
+        self._proto = Protocol(self._options.max_message_size, trailing_data)
         self._pending: Optional[Deque[Union[bytes, memoryview]]] = None
         self._pending_size = 0
         self._watched = False
@@ -132,7 +130,7 @@ class Connection:
     @property
     def close_code(self) -> Optional[int]:
         """The close code that ended (or is ending) the connection, once known."""
-        return self._proto.close_code if self._proto is not None else None
+        return self._proto.close_code
 
     def send(self, message: Union[str, bytes, bytearray, memoryview],
              timeout: Optional[float] = None) -> None:
@@ -146,8 +144,7 @@ class Connection:
         """
         header, payload = encode_frame(message)
         with self._lock:
-            proto = self._proto
-            if proto is None or not proto.is_open:
+            if not self._proto.is_open:
                 raise self._closed_error()
             if self._pending_size > self._options.write_limit:
                 self._wait_for_room(self._options.send_timeout if timeout is None else timeout)
@@ -158,8 +155,6 @@ class Connection:
         if isinstance(data, str):
             data = data.encode("utf-8")
         with self._lock:
-            if self._proto is None:
-                raise self._closed_error()
             self._write(self._proto.ping(data))
 
     def close(self, code: int = 1000, reason: str = "") -> None:
@@ -176,7 +171,7 @@ class Connection:
 
         ``on_close`` reports 1006, as for a connection that was lost."""
         with self._lock:
-            if self._proto is not None and self.ready_state is not ReadyState.CLOSED:
+            if self.ready_state is not ReadyState.CLOSED:
                 self._proto.close_code = ABNORMAL
                 self._proto.close_reason = ""
                 self._proto.abandon()
@@ -263,8 +258,7 @@ class Connection:
         self._pending = None
         self._pending_size = 0
         self._notify_room()
-        if self._proto is not None:
-            self._proto.abandon()
+        self._proto.abandon()
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -286,15 +280,14 @@ class Connection:
                 raise SendTimeout(f"the outgoing buffer stayed over write_limit ({limit} "
                                   f"bytes) for {timeout} s: the peer is not reading")
             self._room.wait(remaining)
-            if self._proto is None or not self._proto.is_open:
+            if not self._proto.is_open:
                 raise self._closed_error()
 
     def _broadcast_frame(self, frame: bytes) -> bool:
         """Queue a frame encoded for everyone; never waits. Returns False if
         this client was skipped (closing) or closed for being over the limit."""
         with self._lock:
-            proto = self._proto
-            if proto is None or not proto.is_open:
+            if not self._proto.is_open:
                 return False
             if self._pending_size <= self._options.write_limit:
                 self._write(frame)
@@ -307,28 +300,22 @@ class Connection:
         logger.warning("connection %s: closing it, its outgoing buffer is over write_limit "
                        "(%s bytes): the client is not reading", self.id, limit)
         with self._lock:
-            if self._proto is not None:
-                # The close frame would wait behind the backlog the peer is
-                # not reading, so it is recorded and TCP is dropped at once.
-                self._proto.close(1008, "outgoing buffer over write_limit")
-                self._proto.abandon()
+            # The close frame would wait behind the backlog the peer is not
+            # reading, so it is only recorded, and TCP is dropped at once.
+            self._proto.close(1008, "outgoing buffer over write_limit")
+            self._proto.abandon()
             self._pending = None
             self._pending_size = 0
             self._notify_room()
         self._abort()
 
     def _closed_error(self) -> ConnectionClosed:
-        proto = self._proto
-        if proto is None:
-            return ConnectionClosed()
-        return ConnectionClosed(proto.close_code, proto.close_reason)
+        return ConnectionClosed(self._proto.close_code, self._proto.close_reason)
 
     # -- Closing -----------------------------------------------------------
 
     def _close(self, code: int, reason: str) -> bool:
         with self._lock:
-            if self._proto is None:
-                return False
             data = self._proto.close(code, reason)
             if not data:
                 return False
@@ -356,9 +343,8 @@ class Connection:
     def _fail_from_outside(self, code: int, reason: str) -> None:
         """Send a close frame if possible, and drop TCP without waiting."""
         with self._lock:
-            if self._proto is not None:
-                self._write(self._proto.close(code, reason))
-                self._proto.abandon(code, reason)
+            self._write(self._proto.close(code, reason))
+            self._proto.abandon(code, reason)
         self._abort()
 
     # -- Keepalive ---------------------------------------------------------
@@ -379,10 +365,9 @@ class Connection:
             self._fail_from_outside(1011, "keepalive ping timeout")
             return
         with self._lock:
-            proto = self._proto
-            if proto is None or not proto.is_open:
+            if not self._proto.is_open:
                 return
-            self._write(proto.ping(b""))
+            self._write(self._proto.ping(b""))
         if since is None:
             self._unanswered_since = now
         delay = options.ping_interval
@@ -393,71 +378,13 @@ class Connection:
     # -- The connection's thread -------------------------------------------
 
     def run(self) -> None:
-        """The connection's thread: handshake, events, close. Never raises."""
+        """The connection's thread, from the handshake's end to ``on_close``. Never raises."""
         try:
-            if self._handshake():
-                self._serve()
+            self._serve()
         except Exception:
             logger.exception("connection %s: unexpected error", self.id)
         finally:
             self._finish()
-
-    def _handshake(self) -> bool:
-        sock = self._sock
-        options = self._options
-        parser = RequestParser(options.max_request_size)
-        deadline = None
-        if options.handshake_timeout is not None:
-            deadline = time.monotonic() + options.handshake_timeout
-        try:
-            while True:
-                if deadline is not None:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise socket.timeout
-                    sock.settimeout(remaining)
-                data = sock.recv(_RECV_MIN)
-                try:
-                    event = parser.feed(data)
-                except EOFError:
-                    return False
-                if event is not None:
-                    break
-            request = to_request(event, self._remote)
-            self.request = request
-            if request.method != "GET":
-                raise HandshakeError(405, "a WebSocket handshake is a GET request",
-                                     [("Allow", "GET")])
-            view = self._host.route(request)
-            if view is None:
-                raise HandshakeError(404, f"no WebSocket endpoint at {request.path}")
-            key = check_upgrade(request)
-            offered = request.subprotocols
-            self.subprotocol = next((p for p in offered if p in view.block.subprotocols), None)
-            sock.sendall(accept_response(key, self.subprotocol))
-        except HandshakeError as exc:
-            logger.info("connection %s from %s: rejected with %s: %s", self.id,
-                        _fmt(self._remote), exc.status, exc.message)
-            self._reject(error_response(exc.status, exc.message, exc.headers))
-            return False
-        except socket.timeout:
-            logger.info("connection %s from %s: no complete handshake in %s s", self.id,
-                        _fmt(self._remote), options.handshake_timeout)
-            return False
-        except OSError:
-            return False
-        sock.settimeout(None)
-        self.server = view
-        self._proto = Protocol(options.max_message_size, parser.trailing_data)
-        self.ready_state = ReadyState.OPEN
-        return True
-
-    def _reject(self, response: bytes) -> None:
-        try:
-            self._sock.sendall(response)
-            self._linger()
-        except OSError:
-            pass
 
     def _linger(self) -> None:
         """Half-close and read until the peer closes too (or ``close_timeout``),
@@ -498,7 +425,6 @@ class Connection:
         recv = sock.recv
         lock = self._lock
         proto = self._proto
-        assert proto is not None
         handler = self._handler
         on_message = handler.on_message
         size = _RECV_MIN
@@ -588,8 +514,7 @@ class Connection:
         with self._lock:
             self.ready_state = ReadyState.CLOSED
             proto = self._proto
-            if proto is not None:
-                proto.abandon()
+            proto.abandon()
             self._pending = None
             self._pending_size = 0
             self._notify_room()
@@ -608,7 +533,6 @@ class Connection:
                 self.server._detach(self)
                 on_close = self._handler.on_close
                 if on_close is not None:
-                    assert proto is not None
                     try:
                         on_close(proto.close_code or ABNORMAL, proto.close_reason)
                     except Exception:

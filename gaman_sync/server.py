@@ -1,26 +1,25 @@
 """The server: accepting, routing blocks by path, the clients of each block,
 and a shutdown that leaves nothing running.
 
-Threads: one accepts, one runs every timer, one drains slow peers' buffers,
-and each connection has its own. Nothing else.
+Threads: one accepts and runs every opening handshake (see
+:mod:`gaman_sync.acceptor`), one runs every timer, one drains slow peers'
+buffers, and each open connection has its own. Nothing else.
 """
 
 from __future__ import annotations
 
-import errno
 import itertools
 import logging
-import selectors
 import signal
 import socket
 import threading
 import time
 from typing import (Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union)
 
+from .acceptor import Acceptor
 from .block import Block
-from .connection import Connection, ReadyState
+from .connection import Connection
 from .flusher import Flusher
-from .handshake import error_response
 from .options import Options
 from .protocol import encode_frame
 from .request import Request
@@ -32,9 +31,6 @@ logger = logging.getLogger("gaman_sync")
 
 Message = Union[str, bytes, bytearray, memoryview]
 Exclude = Union[Connection, Iterable[Connection], None]
-
-# accept() errors that mean "out of resources for now": wait, then try again.
-_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
 class BlockServer:
@@ -148,9 +144,8 @@ class WebSocketServer:
         self._connections: Dict[Connection, None] = {}
         self._ids = itertools.count(1)
         self._listener: Optional[socket.socket] = None
+        self._acceptor: Optional[Acceptor] = None
         self._accept_thread: Optional[threading.Thread] = None
-        self._wake_r: Optional[socket.socket] = None
-        self._wake_w: Optional[socket.socket] = None
         self._closing = False
         self._stop_requested = threading.Event()
         self._done = threading.Event()
@@ -195,10 +190,10 @@ class WebSocketServer:
             if self._closing:
                 raise RuntimeError("the server was shut down")
             self._listener = _listen(self.host, self._requested_port, self._backlog)
-            self._wake_r, self._wake_w = socket.socketpair()
-            for s in (self._listener, self._wake_r, self._wake_w):
-                s.setblocking(False)
-            self._accept_thread = self._thread(self._accept_loop, "gaman_sync-accept")
+            self._listener.setblocking(False)
+            self._acceptor = Acceptor(self._listener, self.options, self.route, self._opened,
+                                      self._capacity)
+            self._accept_thread = self._thread(self._acceptor.run, "gaman_sync-accept")
             self._accept_thread.start()
         logger.info("listening on %s", _fmt_address(self.address))
         return self
@@ -272,82 +267,20 @@ class WebSocketServer:
         thread._gaman_server = self  # type: ignore[attr-defined]
         return thread
 
-    def _accept_loop(self) -> None:
-        listener = self._listener
-        assert listener is not None and self._wake_r is not None
-        selector = selectors.DefaultSelector()
-        selector.register(listener, selectors.EVENT_READ)
-        selector.register(self._wake_r, selectors.EVENT_READ)
-        backoff = 0.0
-        try:
-            while not self._closing:
-                selector.select(backoff or None)
-                while not self._closing:
-                    try:
-                        sock, address = listener.accept()
-                    except BlockingIOError:
-                        break
-                    except OSError as exc:
-                        if exc.errno in _RESOURCE_ERRORS:
-                            if not backoff:
-                                logger.warning("accept() failed (%s); backing off until "
-                                               "descriptors are free", exc.strerror)
-                            backoff = min(max(backoff * 2, 0.01), 0.1)
-                        elif exc.errno in (errno.EBADF, errno.EINVAL):
-                            return  # the listener was closed
-                        else:
-                            logger.info("accept() failed: %s", exc)
-                        break
-                    if backoff:
-                        logger.warning("accept() works again")
-                        backoff = 0.0
-                    self._spawn(sock, address)
-                if backoff:
-                    # A listener with a full backlog stays readable; sleep
-                    # instead of spinning, but wake up for shutdown.
-                    self._wait_wake(backoff)
-                else:
-                    self._drain_wake()
-        except Exception:
-            logger.exception("the accept loop failed")
-        finally:
-            selector.close()
+    def _capacity(self) -> int:
+        """How many more connections may open (the acceptor counts its own)."""
+        return self.options.max_connections - len(self._connections)
 
-    def _wait_wake(self, delay: float) -> None:
-        ready = selectors.DefaultSelector()
-        try:
-            ready.register(self._wake_r, selectors.EVENT_READ)  # type: ignore[arg-type]
-            ready.select(delay)
-        finally:
-            ready.close()
-        self._drain_wake()
-
-    def _drain_wake(self) -> None:
-        try:
-            while self._wake_r.recv(4096):  # type: ignore[union-attr]
-                pass
-        except (BlockingIOError, OSError):
-            pass
-
-    def _spawn(self, sock: socket.socket, address: Any) -> None:
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+    def _opened(self, sock: socket.socket, address: Any, request: Request,
+                view: BlockServer, subprotocol: Optional[str], trailing_data: bytes) -> None:
+        """A handshake succeeded (in the accept thread): give it its thread."""
         with self._lock:
             if self._closing:
                 sock.close()
                 return
-            if len(self._connections) >= self.options.max_connections:
-                busy = True
-            else:
-                busy = False
-                conn = Connection(sock, address, self, next(self._ids))
-                self._connections[conn] = None
-        if busy:
-            self._refuse(sock, address)
-            return
+            conn = Connection(sock, address, self, next(self._ids), request, view,
+                              subprotocol, trailing_data)
+            self._connections[conn] = None
         thread = self._thread(conn.run, f"gaman_sync-conn-{conn.id}")
         conn.thread = thread
         try:
@@ -357,31 +290,12 @@ class WebSocketServer:
             self.release(conn)
             sock.close()
 
-    def _refuse(self, sock: socket.socket, address: Any) -> None:
-        """Answer 503 without a thread: the server is at ``max_connections``."""
-        logger.warning("refusing a connection from %s: max_connections (%s) reached",
-                       _fmt_address(address), self.options.max_connections)
-        try:
-            sock.setblocking(False)
-            sock.send(error_response(503, "too many connections, try again later",
-                                     [("Retry-After", "1")]))
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            sock.close()
-            return
-        # Closing now, with the request unread, would reset the connection
-        # and could destroy the response before the client reads it.
-        self.timers.call_later(1.0, _close_quietly, sock)
-
     def _shutdown(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         with self._lock:
             self._closing = True
-        if self._wake_w is not None:
-            try:
-                self._wake_w.send(b"\0")
-            except OSError:
-                pass
+        if self._acceptor is not None:
+            self._acceptor.stop()
         if self._accept_thread is not None:
             self._accept_thread.join(max(deadline - time.monotonic(), 0.1))
         if self._listener is not None:
@@ -389,10 +303,7 @@ class WebSocketServer:
         with self._lock:
             conns = list(self._connections)
         for conn in conns:
-            if conn.ready_state is ReadyState.CONNECTING:
-                conn._abort()
-            else:
-                conn._close(1001, "server shutting down")
+            conn._close(1001, "server shutting down")
         grace = min(1.0, timeout / 4)
         if not self._wait_released(deadline - grace):
             with self._lock:
@@ -411,9 +322,6 @@ class WebSocketServer:
                 conn.thread.join(max(deadline - time.monotonic(), 0.01))
         self.timers.stop(1.0)
         self.flusher.stop(1.0)
-        for s in (self._wake_r, self._wake_w):
-            if s is not None:
-                s.close()
         logger.info("shut down")
 
     def _wait_released(self, deadline: float) -> bool:
@@ -432,13 +340,6 @@ def _listen(host: str, port: int, backlog: int) -> socket.socket:
     family = infos[0][0]
     address = infos[0][4]
     return socket.create_server(address, family=family, backlog=backlog)
-
-
-def _close_quietly(sock: socket.socket) -> None:
-    try:
-        sock.close()
-    except OSError:
-        pass
 
 
 def _fmt_address(address: Any) -> str:
