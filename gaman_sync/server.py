@@ -203,8 +203,9 @@ class WebSocketServer:
         :meth:`shutdown` from anywhere, or a stop request from a signal)."""
         self.start()
         try:
-            while not self._done.is_set() and not self._stop_requested.is_set():
-                self._stop_requested.wait(0.5)
+            # A timed wait keeps Ctrl-C deliverable on every platform.
+            while not self._stop_requested.wait(0.5):
+                pass
         finally:
             self.shutdown()
 
@@ -230,6 +231,7 @@ class WebSocketServer:
             return
         with self._lock:
             started, self._shutdown_started = self._shutdown_started, True
+        self._stop_requested.set()  # wakes serve_forever
         if started:
             self._done.wait(timeout + 2.0)
             return
