@@ -459,6 +459,8 @@ class Connection:
                     self._wait_flushed()
                     self._linger()
                     return
+            if self._pending_size > self._options.write_limit:
+                self._wait_drained_below_limit()
             try:
                 data = recv(size)
             except OSError:
@@ -474,6 +476,18 @@ class Connection:
                 size >>= 2
             with lock:
                 proto.receive_data(data)
+
+    def _wait_drained_below_limit(self) -> None:
+        """Backpressure on the peer: while what we owe it (pongs, echoes) is
+        over ``write_limit``, stop reading what would make us owe more. A peer
+        that floods pings and never reads is held by TCP, not by our memory."""
+        with self._lock:
+            if self._room is None:
+                self._room = threading.Condition(self._lock)
+            limit = self._options.write_limit
+            while self._pending_size > limit and self._pending is not None \
+                    and not self._aborted:
+                self._room.wait(1.0)
 
     def _wait_flushed(self) -> None:
         """Let the writer thread send our last frames (within ``close_timeout``)."""

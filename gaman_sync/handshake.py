@@ -37,10 +37,12 @@ class HandshakeError(Exception):
 class RequestParser:
     """Feeds bytes to h11 until one whole request has arrived."""
 
-    __slots__ = ("_h11",)
+    __slots__ = ("_h11", "_fed", "_max")
 
     def __init__(self, max_request_size: int) -> None:
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_request_size)
+        self._fed = 0
+        self._max = max_request_size
 
     def feed(self, data: bytes) -> Optional[h11.Request]:
         """Add ``data`` (``b""`` at end of stream); return the request once whole.
@@ -49,13 +51,21 @@ class RequestParser:
         and ``EOFError`` when the stream ends before a request.
         """
         self._h11.receive_data(data)
+        self._fed += len(data)
         try:
             event = self._h11.next_event()
         except h11.RemoteProtocolError as exc:
-            raise HandshakeError(exc.error_status_hint, f"bad HTTP request: {exc}") from None
+            # h11's message quotes the offending bytes: keep only its gist, so
+            # that a hostile request is not echoed into responses and logs.
+            gist = str(exc).split(":", 1)[0][:60]
+            raise HandshakeError(exc.error_status_hint, f"bad HTTP request: {gist}") from None
         if event is h11.NEED_DATA:
             return None
         if isinstance(event, h11.Request):
+            # h11 bounds only requests still incomplete; one that arrived
+            # whole in a single read is measured here.
+            if self._fed - len(self._h11.trailing_data[0]) > self._max:
+                raise HandshakeError(431, "request headers too large")
             return event
         raise EOFError("the client closed the connection before sending a request")
 
@@ -87,6 +97,9 @@ def check_upgrade(request: Request) -> bytes:
              ("Sec-WebSocket-Version", "13")])
     if request.http_version != "1.1":
         raise HandshakeError(400, "a WebSocket upgrade needs HTTP/1.1")
+    if "transfer-encoding" in headers or headers.get("content-length", "0").strip() != "0":
+        # Its body would be read as WebSocket frames.
+        raise HandshakeError(400, "a WebSocket upgrade request has no body")
     if "upgrade" not in (t.lower() for t in _tokens(headers.get_all("connection"))):
         raise HandshakeError(400, "missing 'Connection: Upgrade'")
     versions = headers.get_all("sec-websocket-version")

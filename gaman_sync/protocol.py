@@ -37,7 +37,7 @@ import struct
 from typing import Iterator, Optional, Tuple, Union
 
 from wsproto.connection import ConnectionState
-from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
+from wsproto.frame_protocol import Frame, FrameProtocol, Opcode, ParseFailed
 
 from .errors import ConnectionClosed
 
@@ -125,6 +125,34 @@ def encode_frame(message: Union[str, bytes, bytearray, memoryview]) -> Tuple[byt
     return _HEADER_LARGE(first, 127, length), payload
 
 
+def valid_peer_close_code(code: int) -> bool:
+    """May a peer send ``code`` in a close frame? (RFC 6455 7.4, and the IANA
+    registry, which added 1012-1014 after the RFC.)"""
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
+class _FrameProtocol(FrameProtocol):
+    """wsproto's frame protocol, with the close payload checked against the
+    current registry: wsproto refuses 1014, and reports an invalid UTF-8
+    reason as 1007 where a malformed close frame is a protocol error (1002)."""
+
+    def _process_close(self, frame: Frame) -> Frame:
+        data = frame.payload
+        if not data:
+            return Frame(frame.opcode, (NO_STATUS, ""), frame.frame_finished,
+                         frame.message_finished)
+        if len(data) == 1:
+            raise ParseFailed("close frame with a 1-byte payload")
+        (code,) = struct.unpack("!H", data[:2])
+        if not valid_peer_close_code(code):
+            raise ParseFailed(f"invalid close code {code}")
+        try:
+            reason = bytes(data[2:]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ParseFailed("close reason is not valid UTF-8") from None
+        return Frame(frame.opcode, (code, reason), frame.frame_finished, frame.message_finished)
+
+
 class Protocol:
     """One server-side WebSocket connection after its handshake, without I/O."""
 
@@ -133,7 +161,7 @@ class Protocol:
 
     def __init__(self, max_message_size: Optional[int] = None,
                  trailing_data: bytes = b"") -> None:
-        self._fp = FrameProtocol(client=False, extensions=[])
+        self._fp = _FrameProtocol(client=False, extensions=[])
         self._frames: Optional[Iterator] = None  # wsproto's frame generator, while it yields
         self._state = _OPEN
         self._parts: list = []
@@ -180,10 +208,16 @@ class Protocol:
             opcode = frame.opcode
             if opcode is _TEXT or opcode is _BINARY:
                 data = frame.payload
+                held = 0  # bytes of a character split across frames
+                if opcode is _TEXT and not frame.message_finished:
+                    held = self._held_utf8()
+                    if held < 0:
+                        return out + self._fail(1007, "invalid UTF-8 (a surrogate)"), \
+                            self._failed()
                 if self._max is not None:
                     self._size += len(data) if opcode is _BINARY or data.isascii() \
                         else len(data.encode("utf-8"))
-                    if self._size > self._max:
+                    if self._size + held > self._max:
                         return out + self._fail(1009, "message too big"), self._failed()
                 if not frame.message_finished:
                     self._parts.append(data)
@@ -212,6 +246,22 @@ class Protocol:
             return out, _CLOSED_EVENT
         return out, None
 
+    def _held_utf8(self) -> int:
+        """Bytes wsproto's UTF-8 decoder holds back for the next frame, or -1
+        if they already cannot start a valid character.
+
+        Python's decoder waits for the third byte before it rejects an
+        encoded surrogate (ED A0-BF): checking here makes a fragmented
+        message fail at the fragment that made it invalid.
+        """
+        decoder = getattr(getattr(self._fp, "_message_decoder", None), "decoder", None)
+        if decoder is None:
+            return 0
+        held = decoder.getstate()[0]
+        if len(held) >= 2 and held[0] == 0xED and held[1] >= 0xA0:
+            return -1
+        return len(held)
+
     def _announced_size(self) -> int:
         """Bytes the current message will have once its current frame is in.
 
@@ -222,7 +272,11 @@ class Protocol:
         header = getattr(decoder, "header", None)
         if header is None or header.opcode.iscontrol():
             return self._size
-        return self._size + header.payload_len - decoder.payload_consumed
+        remaining = header.payload_len - decoder.payload_consumed
+        if header.opcode is not Opcode.CONTINUATION:
+            # A new message (or a protocol error wsproto reports next).
+            return remaining
+        return self._size + remaining
 
     def _set_close(self, code: int, reason: str) -> None:
         if self.close_code is None:
