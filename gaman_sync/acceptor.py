@@ -79,14 +79,15 @@ class Acceptor:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._pending: Dict[socket.socket, _Pending] = {}
+        self._handshaking = 0  # pending sockets that count against max_connections
         self._deadlines: List[Tuple[float, int, _Pending]] = []
         self._seq = itertools.count()
         self._stopping = False
 
     @property
     def pending(self) -> int:
-        """Sockets still in their handshake (or being refused)."""
-        return len(self._pending)
+        """Sockets still in their handshake (not those being refused)."""
+        return self._handshaking
 
     def stop(self) -> None:
         """Make :meth:`run` return soon; it closes every pending socket."""
@@ -167,7 +168,7 @@ class Acceptor:
             except OSError:
                 pass
         options = self._options
-        if self._capacity() - len(self._pending) <= 0:
+        if self._capacity() - self._handshaking <= 0:
             logger.warning("refusing a connection from %s: max_connections (%s) reached",
                            _fmt(address), options.max_connections)
             pending = _Pending(sock, address, None, 0.0)
@@ -179,6 +180,7 @@ class Acceptor:
         deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
         pending = _Pending(sock, address, RequestParser(options.max_request_size), deadline)
         self._track(pending)
+        self._handshaking += 1
 
     def _track(self, pending: _Pending) -> None:
         self._pending[pending.sock] = pending
@@ -228,6 +230,8 @@ class Acceptor:
                            None)
         response = accept_response(key, subprotocol)
         sock = pending.sock
+        assert pending.parser is not None
+        trailing_data = pending.parser.trailing_data
         self._forget(pending)
         try:
             # A new socket's send buffer is empty, so this small answer is
@@ -238,9 +242,7 @@ class Acceptor:
             sock.close()
             return
         sock.setblocking(True)
-        assert pending.parser is not None
-        self._opened(sock, pending.address, request, view, subprotocol,
-                     pending.parser.trailing_data)
+        self._opened(sock, pending.address, request, view, subprotocol, trailing_data)
 
     # -- Refusing and closing -----------------------------------------------
 
@@ -256,6 +258,8 @@ class Acceptor:
         except OSError:
             self._close(pending)
             return
+        if pending.parser is not None:
+            self._handshaking -= 1
         pending.lingering = True
         pending.parser = None
         pending.deadline = time.monotonic() + _LINGER
@@ -281,6 +285,9 @@ class Acceptor:
         return max(deadlines[0][0] - now, 0.0)
 
     def _forget(self, pending: _Pending) -> None:
+        if not pending.lingering and pending.parser is not None:
+            pending.parser = None
+            self._handshaking -= 1
         if self._pending.pop(pending.sock, None) is not None:
             try:
                 self._selector.unregister(pending.sock)

@@ -78,7 +78,7 @@ class Connection:
     __slots__ = ("id", "server", "request", "subprotocol", "ready_state", "_sock",
                  "_host", "_options", "_lock", "_room", "_proto", "_pending",
                  "_pending_size", "_watched", "_handler", "_opened", "_aborted",
-                 "_close_timer", "_ping_timer", "_unanswered_since", "thread",
+                 "_close_timer", "_ping_timer", "_unanswered_since", "_next_ping", "thread",
                  "__dict__", "__weakref__")
 
     def __init__(self, sock: socket.socket, remote_address: Any, host: Any, conn_id: int,
@@ -110,6 +110,7 @@ class Connection:
         self._close_timer: Optional[Timer] = None
         self._ping_timer: Optional[Timer] = None
         self._unanswered_since: Optional[float] = None
+        self._next_ping = 0.0
         self._remote = remote_address
 
     def __repr__(self) -> str:
@@ -314,13 +315,23 @@ class Connection:
 
     # -- Closing -----------------------------------------------------------
 
-    def _close(self, code: int, reason: str) -> bool:
-        with self._lock:
+    def _close(self, code: int, reason: str, lock_timeout: float = -1) -> bool:
+        """Send our close frame; False if already closing. With a
+        ``lock_timeout``, a lock that stays taken means its holder may be the
+        caller itself (a signal handler that interrupted a send): the close is
+        recorded and TCP dropped instead of waiting forever."""
+        if not self._lock.acquire(timeout=lock_timeout):
+            self._proto.abandon(code, reason)
+            self._abort()
+            return True
+        try:
             data = self._proto.close(code, reason)
             if not data:
                 return False
             self._write(data)
             self.ready_state = ReadyState.CLOSING
+        finally:
+            self._lock.release()
         if self._options.close_timeout is not None:
             self._close_timer = self._host.timers.call_later(
                 self._options.close_timeout, self._close_timed_out)
@@ -350,30 +361,36 @@ class Connection:
     # -- Keepalive ---------------------------------------------------------
 
     def _start_keepalive(self) -> None:
-        if self._options.ping_interval is not None:
-            self._ping_timer = self._host.timers.call_later(
-                self._options.ping_interval, self._keepalive)
+        interval = self._options.ping_interval
+        if interval is not None:
+            self._next_ping = time.monotonic() + interval
+            self._ping_timer = self._host.timers.call_later(interval, self._keepalive)
 
     def _keepalive(self) -> None:
+        """Timer: ping every ``ping_interval``; fail the connection when a ping
+        has waited ``ping_timeout`` for its pong. Any pong answers."""
         options = self._options
         now = time.monotonic()
+        timeout = options.ping_timeout
         since = self._unanswered_since
-        if since is not None and options.ping_timeout is not None \
-                and now - since >= options.ping_timeout:
-            logger.info("connection %s: no pong in %s s; closing it", self.id,
-                        options.ping_timeout)
+        if since is not None and timeout is not None and now - since >= timeout:
+            logger.info("connection %s: no pong in %s s; closing it", self.id, timeout)
             self._fail_from_outside(1011, "keepalive ping timeout")
             return
-        with self._lock:
-            if not self._proto.is_open:
-                return
-            self._write(self._proto.ping(b""))
-        if since is None:
-            self._unanswered_since = now
-        delay = options.ping_interval
-        if options.ping_timeout is not None:
-            delay = min(delay, (self._unanswered_since or now) + options.ping_timeout - now)
-        self._ping_timer = self._host.timers.call_later(max(delay, 0.0), self._keepalive)
+        if now >= self._next_ping:
+            with self._lock:
+                if not self._proto.is_open:
+                    return
+                if since is None:
+                    # Set before the ping goes out: its pong may be handled
+                    # before this thread runs another line.
+                    self._unanswered_since = since = now
+                self._write(self._proto.ping(b""))
+            self._next_ping = now + options.ping_interval
+        wake = self._next_ping
+        if since is not None and timeout is not None:
+            wake = min(wake, since + timeout)
+        self._ping_timer = self._host.timers.call_later(max(wake - now, 0.0), self._keepalive)
 
     # -- The connection's thread -------------------------------------------
 

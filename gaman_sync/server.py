@@ -293,21 +293,28 @@ class WebSocketServer:
             sock.close()
 
     def _shutdown(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
+        # The waits end a little before the timeout, leaving time for the
+        # last steps, so that shutdown() as a whole returns within it.
+        deadline = time.monotonic() + timeout - min(0.05, timeout / 10)
+
+        def left() -> float:
+            return max(deadline - time.monotonic(), 0.0)
+
         with self._lock:
             self._closing = True
         if self._acceptor is not None:
             self._acceptor.stop()
         if self._accept_thread is not None:
-            self._accept_thread.join(max(deadline - time.monotonic(), 0.1))
+            self._accept_thread.join(left())
         if self._listener is not None:
             self._listener.close()
         with self._lock:
             conns = list(self._connections)
         for conn in conns:
-            conn._close(1001, "server shutting down")
-        grace = min(1.0, timeout / 4)
-        if not self._wait_released(deadline - grace):
+            conn._close(1001, "server shutting down", lock_timeout=min(0.1, left()))
+        # Keep a short grace at the end to drop the connections that did not
+        # answer, and still return within the timeout.
+        if not self._wait_released(deadline - min(1.0, timeout / 4)):
             with self._lock:
                 remaining = list(self._connections)
             logger.info("shutdown: dropping %d connection(s) that did not close in time",
@@ -321,9 +328,9 @@ class WebSocketServer:
                                "(a callback that does not return?)", stuck)
         for conn in conns:
             if conn.thread is not None and conn.thread is not threading.current_thread():
-                conn.thread.join(max(deadline - time.monotonic(), 0.01))
-        self.timers.stop(1.0)
-        self.flusher.stop(1.0)
+                conn.thread.join(left())
+        self.timers.stop(left())
+        self.flusher.stop(left())
         logger.info("shut down")
 
     def _wait_released(self, deadline: float) -> bool:
