@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -293,14 +294,6 @@ class Connection:
             if self._pending_size <= self._options.write_limit:
                 self._write(frame)
                 return True
-        self._overflow()
-        return False
-
-    def _overflow(self) -> None:
-        limit = self._options.write_limit
-        logger.warning("connection %s: closing it, its outgoing buffer is over write_limit "
-                       "(%s bytes): the client is not reading", self.id, limit)
-        with self._lock:
             # The close frame would wait behind the backlog the peer is not
             # reading, so it is only recorded, and TCP is dropped at once.
             self._proto.close(1008, "outgoing buffer over write_limit")
@@ -308,7 +301,11 @@ class Connection:
             self._pending = None
             self._pending_size = 0
             self._notify_room()
+        logger.warning("connection %s: closed with 1008, its outgoing buffer is over "
+                       "write_limit (%s bytes): the client is not reading", self.id,
+                       self._options.write_limit)
         self._abort()
+        return False
 
     def _closed_error(self) -> ConnectionClosed:
         return ConnectionClosed(self._proto.close_code, self._proto.close_reason)
@@ -570,6 +567,21 @@ class Connection:
                         logger.exception("connection %s: on_close raised", self.id)
         finally:
             self._host.release(self)
+
+
+def interrupted_connection_code() -> bool:
+    """True if the calling thread is inside this module's code further up its
+    stack: a signal handler that interrupted a ``send`` or a broadcast, which
+    may be holding a connection's lock. (Callbacks run in connection threads,
+    never in the main thread where signal handlers run.)"""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_filename == __file__:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _fmt(address: Any) -> str:

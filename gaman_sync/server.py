@@ -18,7 +18,7 @@ from typing import (Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union)
 
 from .acceptor import Acceptor
 from .block import Block
-from .connection import Connection
+from .connection import Connection, interrupted_connection_code
 from .flusher import Flusher
 from .options import Options
 from .protocol import encode_frame
@@ -220,9 +220,13 @@ class WebSocketServer:
         close; the connections that have not are then dropped. Every
         ``on_close`` runs once. Called from one of the server's own threads
         (a callback, say), it starts the shutdown in a new thread and returns
-        at once, since it cannot wait for the thread it runs in.
+        at once, since it cannot wait for the thread it runs in. So does a
+        signal handler that interrupted this server's code (a ``send`` or a
+        ``broadcast`` in the main thread): that code may hold a connection's
+        lock, which the shutdown needs.
         """
-        if getattr(threading.current_thread(), "_gaman_server", None) is self:
+        if getattr(threading.current_thread(), "_gaman_server", None) is self \
+                or interrupted_connection_code():
             with self._lock:
                 if self._shutdown_started:
                     return
@@ -329,8 +333,10 @@ class WebSocketServer:
         for conn in conns:
             if conn.thread is not None and conn.thread is not threading.current_thread():
                 conn.thread.join(left())
-        self.timers.stop(left())
-        self.flusher.stop(left())
+        # Idle, they end at once: a short floor past a spent deadline keeps
+        # them from being left behind.
+        self.timers.stop(max(left(), 0.2))
+        self.flusher.stop(max(left(), 0.2))
         logger.info("shut down")
 
     def _wait_released(self, deadline: float) -> bool:

@@ -61,6 +61,9 @@ class BroadcastRoom:
         self.ctxs: Dict[str, object] = {}
         self.closes: Dict[str, List[tuple]] = {}
         self.durations: List[float] = []
+        self.errors: List[BaseException] = []
+        # Set by a broadcast over the bound, so that a failing run ends then.
+        self.too_slow = threading.Event()
         self.broadcast_counts: Dict[str, int] = {}
         self.watched: Optional[object] = None  # a ctx whose buffer is sampled
         self.max_buffered = 0
@@ -78,8 +81,16 @@ class BroadcastRoom:
 
         def on_message(message):
             start = time.perf_counter()
-            ctx.server.broadcast(message)
-            self.durations.append(time.perf_counter() - start)
+            try:
+                ctx.server.broadcast(message)
+            except BaseException as exc:  # broadcast is not supposed to raise
+                self.errors.append(exc)
+                raise
+            finally:
+                took = time.perf_counter() - start
+                self.durations.append(took)
+                if took >= BROADCAST_BOUND:
+                    self.too_slow.set()
             self.broadcast_counts[cid] += 1
             watched = self.watched
             if watched is not None:
@@ -128,7 +139,13 @@ def run_broadcast_room(make_server, room: BroadcastRoom, stalled: bool,
             room.watched = room.ctxs["stalled"]
         assert len(server.clients) == N_CLIENTS + (1 if stalled else 0)
         crowd.go()
-        report = crowd.expect("done", 240)
+        try:
+            report = crowd.expect("done", 240, abort=room.too_slow if stalled else None)
+        except AssertionError:
+            if room.too_slow.is_set():
+                raise AssertionError(f"a broadcast took {BROADCAST_BOUND} s or more: "
+                                     f"{summary(room.durations)}") from None
+            raise
     except BaseException:
         crowd.close()
         if quiet is not None:
@@ -138,6 +155,7 @@ def run_broadcast_room(make_server, room: BroadcastRoom, stalled: bool,
 
 
 def check_everyone_got_everything(room, report) -> None:
+    assert not room.errors, room.errors[:3]
     assert not report["errors"], report["errors"]
     assert report["next"] == [[N_MESSAGES] * N_SENDERS] * N_CLIENTS
     assert report["count"] == [N_SENDERS * N_MESSAGES] * N_CLIENTS
@@ -388,7 +406,7 @@ def test_send_to_stalled_client_times_out_without_delaying_others(make_server):
     limit = 64 * 1024
     server = make_server(define_block("/", handler), ping_interval=None, write_limit=limit,
                          send_timeout=5)
-    stalled = RawClient.connect(server.port, "/?cid=stalled", rcvbuf=4096)
+    stalled = RawClient.connect(server.port, "/?cid=stalled", rcvbuf=4096, mss=STALL_MSS)
     healthy = RawClient.connect(server.port, "/?cid=healthy")
     try:
         with cond:
@@ -426,10 +444,12 @@ def test_send_to_stalled_client_times_out_without_delaying_others(make_server):
 
         waiter = threading.Thread(target=blocked_send)
         waiter.start()
+        assert waiting_in_send(waiter), "the second send did not wait"
         began = time.monotonic()
         for i in range(50):
             ctxs["healthy"].send(f"h{i}")
         quick = time.monotonic() - began
+        assert waiter.is_alive(), "the stalled send stopped waiting too early to tell"
         got = []
         healthy.read_until(lambda: len(got) == 50, got.append)
         assert got == [(TEXT, f"h{i}".encode()) for i in range(50)]
@@ -456,7 +476,7 @@ def test_send_waiting_for_room_raises_when_the_connection_is_dropped(make_server
 
     server = make_server(define_block("/", handler), ping_interval=None,
                          write_limit=32 * 1024, send_timeout=10)
-    stalled = RawClient.connect(server.port, "/", rcvbuf=4096)
+    stalled = RawClient.connect(server.port, "/", rcvbuf=4096, mss=STALL_MSS)
     try:
         assert opened.wait(WAIT)
         ctx = holder["ctx"]

@@ -62,42 +62,58 @@ class Peers:
                 f"timed out waiting for {what}; closes: {self.closes}"
 
 
+def assert_closed_on_time(not_before: float, not_after: float, closed_at: float,
+                          due: float, who: str = "") -> None:
+    """The connection's clock started between ``not_before`` (the client
+    began connecting) and ``not_after`` (on_open ran), and it was due to be
+    closed ``due`` seconds after that: each bound is checked from the
+    instant that cannot make it fail wrongly."""
+    assert closed_at - not_before >= due - 0.02, \
+        f"{who} closed early: {closed_at - not_before:.3f} s after connecting, due at {due} s"
+    assert closed_at - not_after <= due + SLACK, \
+        f"{who} closed late: {closed_at - not_after:.3f} s after on_open, due at {due} s"
+
+
 @pytest.mark.parametrize("interval, timeout", [(0.3, 0.3), (0.2, 0.5), (0.5, 0.2)])
 def test_peer_that_stops_answering_pings_is_closed_with_1011(make_server, interval, timeout):
     peers = Peers()
     server = make_server(peers.block, ping_interval=interval, ping_timeout=timeout,
                          close_timeout=2)
+    # The keepalive clock starts somewhere between these two instants.
+    before_connect = time.monotonic()
     silent = RawClient.connect(server.port, "/?cid=silent")
-    with connect(f"ws://127.0.0.1:{server.port}/?cid=alive", max_size=None,
-                 ping_interval=None, open_timeout=WAIT, close_timeout=WAIT) as alive:
-        peers.wait(lambda: len(peers.ctxs) == 2, what="both clients to open")
-        peers.wait(lambda: "silent" in peers.closes, interval + timeout + 2,
-                   "the silent peer to be closed")
-        (code, reason, closed_at), = peers.closes["silent"]
-        elapsed = closed_at - peers.opened["silent"]
-        assert code == 1011 and reason, (code, reason)
-        # The first ping goes out after one interval; the peer then has
-        # ping_timeout to answer it.
-        assert interval + timeout - 0.02 <= elapsed <= interval + timeout + SLACK, elapsed
-        assert peers.ctxs["silent"] not in server.clients
+    try:
+        with connect(f"ws://127.0.0.1:{server.port}/?cid=alive", max_size=None,
+                     ping_interval=None, open_timeout=WAIT, close_timeout=WAIT) as alive:
+            peers.wait(lambda: len(peers.ctxs) == 2, what="both clients to open")
+            peers.wait(lambda: "silent" in peers.closes, interval + timeout + 2,
+                       "the silent peer to be closed")
+            (code, reason, closed_at), = peers.closes["silent"]
+            assert code == 1011 and reason, (code, reason)
+            # The first ping goes out after one interval; the peer then has
+            # ping_timeout to answer it.
+            assert_closed_on_time(before_connect, peers.opened["silent"], closed_at,
+                                  interval + timeout)
+            assert peers.ctxs["silent"] not in server.clients
 
-        # The peer that answers is kept, through more than one full timeout
-        # after the silent one was dropped.
-        peers.wait(lambda: peers.pongs["alive"] and
-                   peers.pongs["alive"][-1] > closed_at + timeout + interval,
-                   what="the live client to keep answering")
-        assert "alive" not in peers.closes
-        assert peers.ctxs["alive"] in server.clients
-        alive.send("still here")  # the client side saw no failure either
+            # The peer that answers is kept, through more than one full timeout
+            # after the silent one was dropped.
+            peers.wait(lambda: peers.pongs["alive"] and
+                       peers.pongs["alive"][-1] > closed_at + timeout + interval,
+                       what="the live client to keep answering")
+            assert "alive" not in peers.closes
+            assert peers.ctxs["alive"] in server.clients
+            alive.send("still here")  # the client side saw no failure either
 
-    # What the silent peer was sent: pings, then a close frame with 1011.
-    frames = []
-    silent.answer_pings = silent.answer_close = False
-    silent.read_to_eof(frames.append)
-    silent.close()
-    assert frames and frames[-1][0] == CLOSE, frames
-    assert parse_close(frames[-1][1])[0] == 1011
-    assert {opcode for opcode, _ in frames[:-1]} == {PING}
+        # What the silent peer was sent: pings, then a close frame with 1011.
+        frames = []
+        silent.answer_pings = silent.answer_close = False
+        silent.read_to_eof(frames.append)
+        assert frames and frames[-1][0] == CLOSE, frames
+        assert parse_close(frames[-1][1])[0] == 1011
+        assert {opcode for opcode, _ in frames[:-1]} == {PING}
+    finally:
+        silent.close()
 
 
 class PreemptedAfterRelease:
@@ -171,6 +187,7 @@ def test_many_silent_peers_each_closed_on_time(make_server):
     peers = Peers()
     server = make_server(peers.block, ping_interval=interval, ping_timeout=timeout,
                          close_timeout=2)
+    before_connect = time.monotonic()
     silent = connect_many(server.port, (f"/?cid=s{i}" for i in range(100)))
     alive = connect_many(server.port, (f"/?cid=a{i}" for i in range(20)))
     reader = MultiReader()  # answers pings
@@ -181,10 +198,9 @@ def test_many_silent_peers_each_closed_on_time(make_server):
                    interval + timeout + 2, "every silent peer to be closed")
         for i in range(100):
             (code, _, closed_at), = peers.closes[f"s{i}"]
-            elapsed = closed_at - peers.opened[f"s{i}"]
             assert code == 1011
-            assert interval + timeout - 0.02 <= elapsed <= interval + timeout + SLACK, \
-                (i, elapsed)
+            assert_closed_on_time(before_connect, peers.opened[f"s{i}"], closed_at,
+                                  interval + timeout, f"silent peer {i}")
         last = max(c[0][2] for c in peers.closes.values())
         peers.wait(lambda: all(p and p[-1] > last + timeout + interval
                                for cid, p in peers.pongs.items() if cid.startswith("a")),

@@ -576,10 +576,16 @@ class RoomClients:
         self.process.start()
         child.close()
 
-    def expect(self, kind: str, timeout: float):
-        if not self._pipe.poll(timeout):
-            raise AssertionError(f"the clients' process sent nothing in {timeout} s "
-                                 f"(waiting for {kind!r})")
+    def expect(self, kind: str, timeout: float, abort: Optional[threading.Event] = None):
+        """The next report of the clients' process, which must be ``kind``.
+        Gives up early once ``abort`` is set (the test has already failed)."""
+        deadline = time.monotonic() + timeout
+        while not self._pipe.poll(0.1 if abort is not None else timeout):
+            if abort is not None and abort.is_set():
+                raise AssertionError(f"given up waiting for {kind!r}: the test failed")
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"the clients' process sent nothing in {timeout} s "
+                                     f"(waiting for {kind!r})")
         message = self._pipe.recv()
         if message[0] == "error":
             raise AssertionError(f"the clients' process failed:\n{message[1]}")
@@ -606,6 +612,7 @@ def server_threads(prefix: str = "gaman_sync-") -> List[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith(prefix) and t.is_alive()]
 
 
-__all__ = ["WAIT", "RawClient", "MultiReader", "RoomClients", "room_payload", "FrameParser", "ProtocolViolation",
-           "connect_many", "encode_frame", "parse_close", "raise_nofile", "server_threads",
+__all__ = ["WAIT", "RawClient", "MultiReader", "RoomClients", "FrameParser",
+           "ProtocolViolation", "connect_many", "encode_frame", "parse_close", "raise_nofile",
+           "request_bytes", "room_payload", "server_threads",
            "TEXT", "BINARY", "CLOSE", "PING", "PONG"]
