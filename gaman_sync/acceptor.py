@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from .handshake import (HandshakeError, RequestParser, accept_response, check_upgrade,
                         error_response, to_request)
 from .options import Options
-from .request import Request
+from .request import Request, format_address
 
 __all__ = ["Acceptor"]
 
@@ -47,7 +47,7 @@ _LINGER = 2.0  # seconds a refused client has to close before we do
 _MAX_BACKOFF = 0.1
 
 Route = Callable[[Request], Any]
-Opened = Callable[[socket.socket, Any, Request, Any, Optional[str], bytes], None]
+Opened = Callable[[socket.socket, Any, Request, Any, Optional[str], bytes, bytes], None]
 
 
 class _Pending:
@@ -83,11 +83,6 @@ class Acceptor:
         self._deadlines: List[Tuple[float, int, _Pending]] = []
         self._seq = itertools.count()
         self._stopping = False
-
-    @property
-    def pending(self) -> int:
-        """Sockets still in their handshake (not those being refused)."""
-        return self._handshaking
 
     def stop(self) -> None:
         """Make :meth:`run` return soon; it closes every pending socket."""
@@ -170,7 +165,7 @@ class Acceptor:
         options = self._options
         if self._capacity() - self._handshaking <= 0:
             logger.warning("refusing a connection from %s: max_connections (%s) reached",
-                           _fmt(address), options.max_connections)
+                           format_address(address), options.max_connections)
             pending = _Pending(sock, address, None, 0.0)
             self._track(pending)
             self._refuse(pending, error_response(503, "too many connections, try again "
@@ -209,9 +204,7 @@ class Acceptor:
         except EOFError:
             self._close(pending)
             return
-        if not data:
-            self._close(pending)
-        elif request is not None:
+        if request is not None:
             self._handshake(pending, to_request(request, pending.address))
 
     def _handshake(self, pending: _Pending, request: Request) -> None:
@@ -229,25 +222,20 @@ class Acceptor:
         subprotocol = next((p for p in request.subprotocols if p in view.block.subprotocols),
                            None)
         response = accept_response(key, subprotocol)
-        sock = pending.sock
         assert pending.parser is not None
         trailing_data = pending.parser.trailing_data
         self._forget(pending)
-        try:
-            # A new socket's send buffer is empty, so this small answer is
-            # taken whole; anything else means the peer is already gone.
-            if sock.send(response) != len(response):
-                raise ConnectionError("the 101 response did not fit")
-        except OSError:
-            sock.close()
-            return
-        sock.setblocking(True)
-        self._opened(sock, pending.address, request, view, subprotocol, trailing_data)
+        pending.sock.setblocking(True)
+        # The connection's thread sends the 101, under the connection's lock
+        # and after it joined its block's clients: a broadcast can then
+        # neither precede the 101 on the wire nor miss a client that has it.
+        self._opened(pending.sock, pending.address, request, view, subprotocol,
+                     trailing_data, response)
 
     # -- Refusing and closing -----------------------------------------------
 
     def _reject(self, pending: _Pending, exc: HandshakeError) -> None:
-        logger.info("refused a handshake from %s with %s: %s", _fmt(pending.address),
+        logger.info("refused a handshake from %s with %s: %s", format_address(pending.address),
                     exc.status, exc.message)
         self._refuse(pending, error_response(exc.status, exc.message, exc.headers))
 
@@ -273,7 +261,7 @@ class Acceptor:
                 continue  # rescheduled or already gone
             if not pending.lingering:
                 logger.info("no complete handshake from %s in %s s; closing",
-                            _fmt(pending.address), self._options.handshake_timeout)
+                            format_address(pending.address), self._options.handshake_timeout)
             self._close(pending)
 
     def _next_timeout(self, now: float) -> Optional[float]:
@@ -310,7 +298,3 @@ def _drain(sock: socket.socket) -> None:
         pass
 
 
-def _fmt(address: Any) -> str:
-    if isinstance(address, tuple) and len(address) >= 2:
-        return f"{address[0]}:{address[1]}"
-    return str(address)

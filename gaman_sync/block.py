@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence, Tuple
 
-from .handler import HandlerLike
+from .handler import HandlerLike, reject_coroutine
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -34,6 +34,7 @@ class Block:
             raise ValueError(f"a block's path must start with '/', not {self.path!r}")
         if not callable(self.websocket):
             raise TypeError("websocket must be a callable taking the connection context")
+        reject_coroutine(self.websocket, "the websocket handler")
 
 
 def define_block(

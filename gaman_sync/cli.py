@@ -60,5 +60,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         options["max_message_size"] = args.max_message_size
     if args.ping_interval is not None:
         options["ping_interval"] = args.ping_interval
-    serve(blocks, host=args.host, port=args.port, **options)
+    try:
+        serve(blocks, host=args.host, port=args.port, **options)
+    except OSError as exc:  # the port is taken, the address is not ours, ...
+        parser.error(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
     return 0

@@ -38,7 +38,7 @@ from .handler import WebSocketHandler, as_handler
 from .options import Options
 from .protocol import (ABNORMAL, Closed, Failed, Message, Pong, Protocol,
                        check_close_code, encode_frame)
-from .request import Request
+from .request import Request, format_address
 
 if TYPE_CHECKING:
     from .timers import Timer
@@ -47,7 +47,9 @@ __all__ = ["Connection", "ReadyState"]
 
 logger = logging.getLogger("gaman_sync")
 
-_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+# Non-blocking, and no SIGPIPE (which would kill a program that restored its
+# default action) when the peer is gone.
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0) | getattr(socket, "MSG_NOSIGNAL", 0)
 # Reads start small and grow while they come back full: an idle connection
 # blocks in recv() holding a small buffer (CPython allocates it up front),
 # a large message is read in large chunks.
@@ -76,11 +78,12 @@ class Connection:
     Attributes may be set on it freely (``ctx.user = ...``).
     """
 
-    __slots__ = ("id", "server", "request", "subprotocol", "ready_state", "_sock",
+    # __dict__ stays so that users can hang their own attributes on ctx.
+    __slots__ = ("id", "server", "request", "subprotocol", "thread", "_sock", "_remote",
                  "_host", "_options", "_lock", "_room", "_proto", "_pending",
-                 "_pending_size", "_watched", "_handler", "_opened", "_aborted",
-                 "_close_timer", "_ping_timer", "_unanswered_since", "_next_ping", "thread",
-                 "__dict__", "__weakref__")
+                 "_pending_size", "_watched", "_handler", "_opened", "_attached", "_aborted",
+                 "_abort_close", "_finished", "_reading", "_close_timer", "_ping_timer",
+                 "_unanswered_since", "_next_ping", "__dict__", "__weakref__")
 
     def __init__(self, sock: socket.socket, remote_address: Any, host: Any, conn_id: int,
                  request: Request, server: Any, subprotocol: Optional[str] = None,
@@ -93,9 +96,8 @@ class Connection:
         """The opening handshake's request (path, query, headers, remote address)."""
         self.subprotocol = subprotocol
         """The subprotocol selected in the handshake, or ``None``."""
-        self.ready_state = ReadyState.OPEN
-        """CONNECTING, OPEN, CLOSING or CLOSED, as ``WebSocket.readyState``."""
         self.thread: Optional[threading.Thread] = None
+        """The connection's thread."""
         self._sock = sock
         self._host = host
         self._options: Options = host.options
@@ -106,8 +108,12 @@ class Connection:
         self._pending_size = 0
         self._watched = False
         self._handler = _EMPTY_HANDLER
-        self._opened = False
+        self._opened = False  # on_open was called: on_close is owed
+        self._attached = False  # in its block's clients
         self._aborted = False
+        self._abort_close: Optional[tuple] = None  # close code for a drop without the lock
+        self._finished = False
+        self._reading = False  # the thread waits in recv(), not in a callback
         self._close_timer: Optional[Timer] = None
         self._ping_timer: Optional[Timer] = None
         self._unanswered_since: Optional[float] = None
@@ -115,9 +121,20 @@ class Connection:
         self._remote = remote_address
 
     def __repr__(self) -> str:
-        return f"<Connection {self.id} {self.ready_state.name} from {_fmt(self._remote)}>"
+        return (f"<Connection {self.id} {self.ready_state.name} from "
+                f"{format_address(self._remote)}>")
 
     # -- The public API ---------------------------------------------------
+
+    @property
+    def ready_state(self) -> ReadyState:
+        """OPEN, CLOSING (a close frame was sent or received, or TCP is being
+        dropped) or CLOSED (``on_close`` is due or done), as ``readyState``."""
+        if self._finished:
+            return ReadyState.CLOSED
+        if not self._proto.is_open:
+            return ReadyState.CLOSING
+        return ReadyState.OPEN
 
     @property
     def remote_address(self) -> Any:
@@ -138,18 +155,22 @@ class Connection:
              timeout: Optional[float] = None) -> None:
         """Send a text (``str``) or binary (``bytes``) message. Thread-safe.
 
-        Returns once the message is handed to the kernel or queued. If the
-        outgoing buffer is over ``write_limit`` (a peer reading slower than we
-        send), waits for room up to ``timeout`` seconds (default: the
-        ``send_timeout`` option) and then raises :class:`SendTimeout`.
-        Raises :class:`ConnectionClosed` once the connection is closing.
+        Returns once the message is handed to the kernel or queued. If it
+        does not fit in the outgoing buffer's ``write_limit`` (a peer reading
+        slower than we send), waits for room up to ``timeout`` seconds
+        (default: the ``send_timeout`` option) and then raises
+        :class:`SendTimeout`. A message larger than ``write_limit`` is sent
+        once the buffer is empty. Raises :class:`ConnectionClosed` once the
+        connection is closing.
         """
         header, payload = encode_frame(message)
+        size = len(header) + len(payload)
         with self._lock:
             if not self._proto.is_open:
                 raise self._closed_error()
-            if self._pending_size > self._options.write_limit:
-                self._wait_for_room(self._options.send_timeout if timeout is None else timeout)
+            if self._pending_size and self._pending_size + size > self._options.write_limit:
+                self._wait_for_room(size, self._options.send_timeout if timeout is None
+                                    else timeout)
             self._write_frame(header, payload)
 
     def ping(self, data: Union[bytes, str] = b"") -> None:
@@ -173,7 +194,7 @@ class Connection:
 
         ``on_close`` reports 1006, as for a connection that was lost."""
         with self._lock:
-            if self.ready_state is not ReadyState.CLOSED:
+            if not self._finished:
                 self._proto.close_code = ABNORMAL
                 self._proto.close_reason = ""
                 self._proto.abandon()
@@ -201,12 +222,12 @@ class Connection:
 
     def _write_frame(self, header: bytes, payload: bytes) -> None:
         """Queue or send one data frame; the caller holds ``_lock``."""
-        if len(payload) <= _JOIN_LIMIT or self._pending is not None:
-            if len(payload) <= _JOIN_LIMIT:
-                self._write(header + payload)
-            else:
-                self._write(header)
-                self._write(payload)
+        if len(payload) <= _JOIN_LIMIT:
+            self._write(header + payload)
+            return
+        if self._pending is not None:
+            self._write(header)
+            self._write(payload)
             return
         try:
             sent = self._sock.sendmsg((header, payload), (), _DONTWAIT)
@@ -270,18 +291,25 @@ class Connection:
         if self._room is not None:
             self._room.notify_all()
 
-    def _wait_for_room(self, timeout: Optional[float]) -> None:
-        """Wait, with ``_lock`` held, until the buffer is under ``write_limit``."""
+    def _room_condition(self) -> threading.Condition:
+        """Signalled (under ``_lock``) whenever the outgoing buffer shrinks;
+        made on first use, since most connections never wait for room."""
         if self._room is None:
             self._room = threading.Condition(self._lock)
+        return self._room
+
+    def _wait_for_room(self, size: int, timeout: Optional[float]) -> None:
+        """Wait, with ``_lock`` held, until ``size`` more bytes fit in
+        ``write_limit`` (or the buffer is empty)."""
+        room = self._room_condition()
         deadline = None if timeout is None else time.monotonic() + timeout
         limit = self._options.write_limit
-        while self._pending_size > limit:
+        while self._pending_size and self._pending_size + size > limit:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                raise SendTimeout(f"the outgoing buffer stayed over write_limit ({limit} "
+                raise SendTimeout(f"no room in the outgoing buffer (write_limit {limit} "
                                   f"bytes) for {timeout} s: the peer is not reading")
-            self._room.wait(remaining)
+            room.wait(remaining)
             if not self._proto.is_open:
                 raise self._closed_error()
 
@@ -314,11 +342,10 @@ class Connection:
 
     def _close(self, code: int, reason: str, lock_timeout: float = -1) -> bool:
         """Send our close frame; False if already closing. With a
-        ``lock_timeout``, a lock that stays taken means its holder may be the
-        caller itself (a signal handler that interrupted a send): the close is
-        recorded and TCP dropped instead of waiting forever."""
+        ``lock_timeout``, a lock that stays taken is not waited for: TCP is
+        dropped and ``code`` is reported, without the closing handshake."""
         if not self._lock.acquire(timeout=lock_timeout):
-            self._proto.abandon(code, reason)
+            self._abort_close = (code, reason)
             self._abort()
             return True
         try:
@@ -326,16 +353,15 @@ class Connection:
             if not data:
                 return False
             self._write(data)
-            self.ready_state = ReadyState.CLOSING
+            if self._options.close_timeout is not None and not self._finished:
+                self._close_timer = self._host.timers.call_later(
+                    self._options.close_timeout, self._close_timed_out)
         finally:
             self._lock.release()
-        if self._options.close_timeout is not None:
-            self._close_timer = self._host.timers.call_later(
-                self._options.close_timeout, self._close_timed_out)
         return True
 
     def _close_timed_out(self) -> None:
-        if self.ready_state is not ReadyState.CLOSED:
+        if not self._finished:
             logger.info("connection %s: no answer to our close frame in %s s; dropping it",
                         self.id, self._options.close_timeout)
             self._abort()
@@ -371,29 +397,42 @@ class Connection:
         timeout = options.ping_timeout
         since = self._unanswered_since
         if since is not None and timeout is not None and now - since >= timeout:
-            logger.info("connection %s: no pong in %s s; closing it", self.id, timeout)
-            self._fail_from_outside(1011, "keepalive ping timeout")
-            return
-        if now >= self._next_ping:
-            with self._lock:
-                if not self._proto.is_open:
-                    return
+            if self._reading:
+                logger.info("connection %s: no pong in %s s; closing it", self.id, timeout)
+                self._fail_from_outside(1011, "keepalive ping timeout")
+                return
+            # A callback holds the connection's thread: the pong may be
+            # waiting unread. Judge the peer once the thread reads again.
+            since = self._unanswered_since = now - timeout + min(timeout, 1.0)
+        with self._lock:
+            if not self._proto.is_open or self._finished:
+                return
+            if now >= self._next_ping:
                 if since is None:
                     # Set before the ping goes out: its pong may be handled
                     # before this thread runs another line.
                     self._unanswered_since = since = now
                 self._write(self._proto.ping(b""))
-            self._next_ping = now + options.ping_interval
-        wake = self._next_ping
-        if since is not None and timeout is not None:
-            wake = min(wake, since + timeout)
-        self._ping_timer = self._host.timers.call_later(max(wake - now, 0.0), self._keepalive)
+                self._next_ping = now + options.ping_interval
+            wake = self._next_ping
+            if since is not None and timeout is not None:
+                wake = min(wake, since + timeout)
+            self._ping_timer = self._host.timers.call_later(max(wake - now, 0.0),
+                                                            self._keepalive)
 
     # -- The connection's thread -------------------------------------------
 
-    def run(self) -> None:
-        """The connection's thread, from the handshake's end to ``on_close``. Never raises."""
+    def run(self, response: bytes = b"") -> None:
+        """The connection's thread: send the handshake's ``response`` (the
+        101), then serve until ``on_close``. Never raises."""
         try:
+            with self._lock:
+                # Joined before the 101 goes out, and under the lock that any
+                # broadcast takes: no broadcast can precede the 101 on the
+                # wire, nor miss a client that has received it.
+                self.server._attach(self)
+                self._attached = True
+                self._write(response)
             self._serve()
         except Exception:
             logger.exception("connection %s: unexpected error", self.id)
@@ -428,7 +467,6 @@ class Connection:
             return
         self._handler = handler
         self._opened = True
-        self.server._attach(self)
         self._start_keepalive()
         if handler.on_open is not None:
             self._call("on_open", handler.on_open)
@@ -463,22 +501,22 @@ class Connection:
                     if handler.on_pong is not None:
                         self._call("on_pong", handler.on_pong, event.data)
                 elif kind is Closed:
-                    self.ready_state = ReadyState.CLOSING
                     self._wait_flushed()
                     return
                 elif kind is Failed:
                     logger.info("connection %s: failed with %s: %s", self.id,
                                 event.code, event.reason)
-                    self.ready_state = ReadyState.CLOSING
                     self._wait_flushed()
                     self._linger()
                     return
             if self._pending_size > self._options.write_limit:
                 self._wait_drained_below_limit()
+            self._reading = True
             try:
                 data = recv(size)
             except OSError:
                 data = b""
+            self._reading = False
             if not data:
                 with lock:
                     proto.abandon()
@@ -496,26 +534,24 @@ class Connection:
         over ``write_limit``, stop reading what would make us owe more. A peer
         that floods pings and never reads is held by TCP, not by our memory."""
         with self._lock:
-            if self._room is None:
-                self._room = threading.Condition(self._lock)
+            room = self._room_condition()
             limit = self._options.write_limit
             while self._pending_size > limit and self._pending is not None \
                     and not self._aborted:
-                self._room.wait(1.0)
+                room.wait(1.0)
 
     def _wait_flushed(self) -> None:
         """Let the writer thread send our last frames (within ``close_timeout``)."""
         with self._lock:
             if self._pending is None:
                 return
-            if self._room is None:
-                self._room = threading.Condition(self._lock)
+            room = self._room_condition()
             deadline = time.monotonic() + (self._options.close_timeout or 10.0)
             while self._pending is not None and not self._aborted:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return
-                self._room.wait(remaining)
+                room.wait(remaining)
 
     def _call(self, name: str, callback: Callable[..., Any], *args: Any) -> None:
         try:
@@ -540,8 +576,10 @@ class Connection:
 
     def _finish(self) -> None:
         with self._lock:
-            self.ready_state = ReadyState.CLOSED
+            self._finished = True
             proto = self._proto
+            if self._abort_close is not None:
+                proto.abandon(*self._abort_close)
             proto.abandon()
             self._pending = None
             self._pending_size = 0
@@ -557,8 +595,9 @@ class Connection:
         except OSError:
             pass
         try:
-            if self._opened:
+            if self._attached:
                 self.server._detach(self)
+            if self._opened:
                 on_close = self._handler.on_close
                 if on_close is not None:
                     try:
@@ -566,7 +605,7 @@ class Connection:
                     except Exception:
                         logger.exception("connection %s: on_close raised", self.id)
         finally:
-            self._host.release(self)
+            self._host._release(self)
 
 
 def interrupted_connection_code() -> bool:
@@ -584,7 +623,3 @@ def interrupted_connection_code() -> bool:
     return False
 
 
-def _fmt(address: Any) -> str:
-    if isinstance(address, tuple) and len(address) >= 2:
-        return f"{address[0]}:{address[1]}"
-    return str(address)

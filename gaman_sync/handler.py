@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Mapping, Optional, Union
 
-__all__ = ["WebSocketHandler", "HandlerLike", "as_handler"]
+__all__ = ["WebSocketHandler", "HandlerLike", "as_handler", "reject_coroutine"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ def as_handler(value: HandlerLike) -> WebSocketHandler:
     GamanJS camelCase), or ``None`` for no callbacks at all.
     """
     if isinstance(value, WebSocketHandler):
+        for f in fields(value):
+            reject_coroutine(getattr(value, f.name), f"callback {f.name!r}")
         return value
     if value is None:
         return WebSocketHandler()
@@ -61,5 +64,14 @@ def as_handler(value: HandlerLike) -> WebSocketHandler:
             raise TypeError(f"unknown callback {key!r}; expected one of {sorted(_NAMES)}")
         if callback is not None and not callable(callback):
             raise TypeError(f"callback {key!r} is not callable")
+        reject_coroutine(callback, f"callback {key!r}")
         callbacks[name] = callback
     return WebSocketHandler(**callbacks)
+
+
+def reject_coroutine(function: object, what: str) -> None:
+    """Refuse an ``async def`` function: this server calls callbacks in
+    threads and would never await it (in GamanJS a handler may be async)."""
+    if inspect.iscoroutinefunction(function):
+        raise TypeError(f"{what} is an async function; gaman_sync calls callbacks in the "
+                        "connection's thread: use a plain def")

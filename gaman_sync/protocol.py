@@ -292,13 +292,6 @@ class Protocol:
     def _failed(self) -> Failed:
         return Failed(self.close_code or 1002, self.close_reason)
 
-    def send_message(self, message: Union[str, bytes]) -> Tuple[bytes, bytes]:
-        """Header and payload of a data frame; raises :class:`ConnectionClosed`
-        unless the connection is open."""
-        if self._state is not _OPEN:
-            raise ConnectionClosed(self.close_code, self.close_reason)
-        return encode_frame(message)
-
     def ping(self, data: bytes = b"") -> bytes:
         """A ping frame; raises :class:`ConnectionClosed` unless open."""
         if len(data) > 125:
@@ -313,8 +306,6 @@ class Protocol:
             return b""
         self._set_close(code, reason)
         self._state = _LOCAL_CLOSING
-        if code == NO_STATUS:
-            return bytes(self._fp.close())
         return bytes(self._fp.close(code, reason))
 
     def abandon(self, code: int = ABNORMAL, reason: str = "") -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 from urllib.parse import parse_qsl, unquote
 
-__all__ = ["Headers", "Request"]
+__all__ = ["Headers", "Request", "format_address"]
 
 
 class Headers(Mapping[str, str]):
@@ -103,3 +103,11 @@ class Request:
 
 def _tokens(values: Sequence[str]) -> List[str]:
     return [t.strip() for v in values for t in v.split(",") if t.strip()]
+
+
+def format_address(address: object) -> str:
+    """``host:port`` (``[host]:port`` for IPv6) for logs."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        host = str(address[0])
+        return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
+    return str(address)

@@ -22,7 +22,7 @@ from .connection import Connection, interrupted_connection_code
 from .flusher import Flusher
 from .options import Options
 from .protocol import encode_frame
-from .request import Request
+from .request import Request, format_address
 from .timers import Timers
 
 __all__ = ["WebSocketServer", "BlockServer", "serve"]
@@ -144,6 +144,8 @@ class WebSocketServer:
         self._connections: Dict[Connection, None] = {}
         self._ids = itertools.count(1)
         self._listener: Optional[socket.socket] = None
+        self._address: Optional[Tuple[Any, ...]] = None
+        self._shutdown_deadline = 0.0
         self._acceptor: Optional[Acceptor] = None
         self._accept_thread: Optional[threading.Thread] = None
         self._closing = False
@@ -167,10 +169,10 @@ class WebSocketServer:
 
     @property
     def address(self) -> Tuple[Any, ...]:
-        """The address the server listens on (after :meth:`start`)."""
-        if self._listener is None:
+        """The address the server listens (or listened) on, once started."""
+        if self._address is None:
             raise RuntimeError("the server is not listening; call start() first")
-        return self._listener.getsockname()
+        return self._address
 
     @property
     def port(self) -> int:
@@ -185,17 +187,18 @@ class WebSocketServer:
     def start(self) -> "WebSocketServer":
         """Listen and accept in a background thread; return once listening."""
         with self._lock:
+            if self._closing or self._shutdown_started:
+                raise RuntimeError("the server was shut down; make a new one")
             if self._listener is not None:
                 return self
-            if self._closing:
-                raise RuntimeError("the server was shut down")
             self._listener = _listen(self.host, self._requested_port, self._backlog)
+            self._address = self._listener.getsockname()
             self._listener.setblocking(False)
-            self._acceptor = Acceptor(self._listener, self.options, self.route, self._opened,
+            self._acceptor = Acceptor(self._listener, self.options, self._route, self._opened,
                                       self._capacity)
             self._accept_thread = self._thread(self._acceptor.run, "gaman_sync-accept")
             self._accept_thread.start()
-        logger.info("listening on %s", _fmt_address(self.address))
+        logger.info("listening on %s", format_address(self.address))
         return self
 
     def serve_forever(self) -> None:
@@ -235,9 +238,12 @@ class WebSocketServer:
             return
         with self._lock:
             started, self._shutdown_started = self._shutdown_started, True
+            if not started:
+                self._shutdown_deadline = time.monotonic() + timeout
         self._stop_requested.set()  # wakes serve_forever
         if started:
-            self._done.wait(timeout + 2.0)
+            # The first call's timeout bounds the shutdown, not this one's.
+            self._done.wait(max(self._shutdown_deadline - time.monotonic(), 0.0) + 2.0)
             return
         try:
             self._shutdown(timeout)
@@ -251,16 +257,16 @@ class WebSocketServer:
         self.shutdown()
 
     def __repr__(self) -> str:
-        where = _fmt_address(self.address) if self._listener is not None else "not listening"
+        where = format_address(self._address) if self._address is not None else "not started"
         return f"<WebSocketServer {where}, {len(self._connections)} connections>"
 
-    # -- What connections call back (the host interface) -------------------
+    # -- What the acceptor and connections call back (the host interface) -----
 
-    def route(self, request: Request) -> Optional[BlockServer]:
+    def _route(self, request: Request) -> Optional[BlockServer]:
         """The block that serves ``request``'s path, or None (404)."""
         return self._routes.get(request.path)
 
-    def release(self, conn: Connection) -> None:
+    def _release(self, conn: Connection) -> None:
         """A connection's thread is done with it."""
         with self._lock:
             self._connections.pop(conn, None)
@@ -278,8 +284,10 @@ class WebSocketServer:
         return self.options.max_connections - len(self._connections)
 
     def _opened(self, sock: socket.socket, address: Any, request: Request,
-                view: BlockServer, subprotocol: Optional[str], trailing_data: bytes) -> None:
-        """A handshake succeeded (in the accept thread): give it its thread."""
+                view: BlockServer, subprotocol: Optional[str], trailing_data: bytes,
+                response: bytes) -> None:
+        """A handshake was accepted (in the accept thread): give it its thread,
+        which sends the 101 ``response``."""
         with self._lock:
             if self._closing:
                 sock.close()
@@ -287,13 +295,13 @@ class WebSocketServer:
             conn = Connection(sock, address, self, next(self._ids), request, view,
                               subprotocol, trailing_data)
             self._connections[conn] = None
-        thread = self._thread(conn.run, f"gaman_sync-conn-{conn.id}")
+        thread = self._thread(lambda: conn.run(response), f"gaman_sync-conn-{conn.id}")
         conn.thread = thread
         try:
             thread.start()
         except RuntimeError as exc:  # "can't start new thread"
             logger.warning("could not start a thread for a connection: %s", exc)
-            self.release(conn)
+            self._release(conn)
             sock.close()
 
     def _shutdown(self, timeout: float) -> None:
@@ -355,13 +363,6 @@ def _listen(host: str, port: int, backlog: int) -> socket.socket:
     family = infos[0][0]
     address = infos[0][4]
     return socket.create_server(address, family=family, backlog=backlog)
-
-
-def _fmt_address(address: Any) -> str:
-    if isinstance(address, tuple) and len(address) >= 2:
-        host = address[0]
-        return f"[{host}]:{address[1]}" if ":" in str(host) else f"{host}:{address[1]}"
-    return str(address)
 
 
 def serve(blocks: Union[Block, Sequence[Block]], host: str = "127.0.0.1", port: int = 8000,

@@ -428,7 +428,8 @@ def test_send_to_stalled_client_times_out_without_delaying_others(make_server):
         assert timeout - 0.01 <= waited <= timeout + 0.5, waited
         assert "write_limit" in str(raised)
         assert ctxs["stalled"].ready_state is ReadyState.OPEN
-        assert ctxs["stalled"].buffered_amount > limit
+        # send waits only when the next frame would not fit.
+        assert ctxs["stalled"].buffered_amount + len(chunk) > limit
 
         # While a send waits on the stalled peer, the other connection's
         # sends go straight through.
@@ -481,7 +482,7 @@ def test_send_waiting_for_room_raises_when_the_connection_is_dropped(make_server
         assert opened.wait(WAIT)
         ctx = holder["ctx"]
         chunk = b"y" * 16384
-        while ctx.buffered_amount <= 32 * 1024:
+        while ctx.buffered_amount + len(chunk) <= 32 * 1024:  # until the next one won't fit
             ctx.send(chunk, timeout=1)
         outcome = []
 
