@@ -505,6 +505,7 @@ def _room_clients_run(port, path, n_clients, n_senders, n_messages, sizes, windo
             client.user.update(next=[0] * n_senders, count=0)
         reader.add(clients)
         pipe.send(("connected",))
+        assert pipe.poll(4 * WAIT), "the test never said go"
         assert pipe.recv() == ("go",)
         senders = clients[:n_senders]
         failures: List[str] = []
@@ -548,7 +549,9 @@ def _room_clients_run(port, path, n_clients, n_senders, n_messages, sizes, windo
                 "eof": [c.name for c in clients if c.eof],
                 "errors": reader.errors[:20] + failures,
                 "started": started, "finished": finished}))
-        pipe.recv()  # stay connected until the test has looked at the server
+        # Stay connected until the test has looked at the server (bounded:
+        # a test that died must not leave this process behind).
+        pipe.poll(4 * WAIT)
     finally:
         reader.stop()
 
