@@ -31,7 +31,13 @@ import threading
 import time
 from collections import deque
 from enum import IntEnum
-from typing import TYPE_CHECKING, Any, Callable, Deque, Optional, Union
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Callable, Deque, List, Optional, Union, cast
+
+try:
+    from typing import Protocol as _Interface
+except ImportError:  # pragma: no cover - Python < 3.8
+    _Interface = object  # type: ignore[assignment,misc]
 
 from .errors import ConnectionClosed, SendTimeout
 from .handler import WebSocketHandler, as_handler
@@ -41,9 +47,11 @@ from .protocol import (ABNORMAL, Closed, Failed, Message, Pong, Protocol,
 from .request import Request, format_address
 
 if TYPE_CHECKING:
-    from .timers import Timer
+    from .block import Block
+    from .flusher import Flusher
+    from .timers import Timer, Timers
 
-__all__ = ["Connection", "ReadyState"]
+__all__ = ["Connection", "ReadyState", "ConnectionHost", "ClientView"]
 
 logger = logging.getLogger("gaman_sync")
 
@@ -59,6 +67,33 @@ _RECV_MAX = 512 * 1024
 # it, sendmsg() sends both without copying the payload.
 _JOIN_LIMIT = 16 * 1024
 _EMPTY_HANDLER = WebSocketHandler()
+
+
+class ConnectionHost(_Interface):
+    """What runs a connection provides it (the server, today): the settings
+    and the shared threads, and word when the connection's thread is done."""
+
+    options: Options
+    timers: "Timers"
+    flusher: "Flusher"
+
+    def _release(self, conn: "Connection") -> None: ...
+
+
+class ClientView(_Interface):
+    """What ``ctx.server`` is to the connection: its block, and the set of
+    clients it joins and leaves (a :class:`~gaman_sync.BlockServer`)."""
+
+    block: "Block"
+
+    @property
+    def clients(self) -> List["Connection"]: ...
+
+    def broadcast(self, message: Union[str, bytes], exclude: Any = None) -> int: ...
+
+    def _attach(self, conn: "Connection") -> None: ...
+
+    def _detach(self, conn: "Connection") -> None: ...
 
 
 class ReadyState(IntEnum):
@@ -85,8 +120,9 @@ class Connection:
                  "_abort_close", "_finished", "_reading", "_close_timer", "_ping_timer",
                  "_unanswered_since", "_next_ping", "__dict__", "__weakref__")
 
-    def __init__(self, sock: socket.socket, remote_address: Any, host: Any, conn_id: int,
-                 request: Request, server: Any, subprotocol: Optional[str] = None,
+    def __init__(self, sock: socket.socket, remote_address: Any, host: ConnectionHost,
+                 conn_id: int, request: Request, server: ClientView,
+                 subprotocol: Optional[str] = None,
                  trailing_data: bytes = b"") -> None:
         self.id = conn_id
         """A number unique among the connections of this server."""
@@ -202,7 +238,7 @@ class Connection:
 
     # -- The write path ----------------------------------------------------
 
-    def _write(self, data: Union[bytes, bytearray]) -> None:
+    def _write(self, data: bytes) -> None:
         """Queue or send ``data``; the caller holds ``_lock``."""
         if not data:
             return
@@ -413,7 +449,7 @@ class Connection:
                     # before this thread runs another line.
                     self._unanswered_since = since = now
                 self._write(self._proto.ping(b""))
-                self._next_ping = now + options.ping_interval
+                self._next_ping = now + cast(float, options.ping_interval)
             wake = self._next_ping
             if since is not None and timeout is not None:
                 wake = min(wake, since + timeout)
@@ -480,6 +516,7 @@ class Connection:
         handler = self._handler
         on_message = handler.on_message
         size = _RECV_MIN
+        event: Any  # one of protocol's event classes, told apart by type()
         while True:
             # Everything the last read brought in, one event at a time.
             while True:
@@ -489,7 +526,7 @@ class Connection:
                         self._write(out)
                 if event is None:
                     break
-                kind = type(event)
+                kind = type(event)  # dispatch on the exact type: cheaper than isinstance
                 if kind is Message:
                     if on_message is not None:
                         try:
@@ -615,7 +652,7 @@ def interrupted_connection_code() -> bool:
     never in the main thread where signal handlers run.)"""
     if threading.current_thread() is not threading.main_thread():
         return False
-    frame = sys._getframe(1)
+    frame: Optional[FrameType] = sys._getframe(1)
     while frame is not None:
         if frame.f_code.co_filename == __file__:
             return True

@@ -14,7 +14,7 @@ import selectors
 import socket
 import threading
 from collections import deque
-from typing import Callable, Deque, Dict, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Optional, Tuple
 
 __all__ = ["Flusher"]
 
@@ -102,7 +102,7 @@ class Flusher:
                         except (BlockingIOError, OSError):
                             pass
                         continue
-                    flush = watched.get(sock)  # type: ignore[arg-type]
+                    flush = watched.get(sock)  # type: ignore[call-overload]
                     done = True
                     if flush is not None:
                         try:
@@ -110,7 +110,7 @@ class Flusher:
                         except Exception:
                             logger.exception("error while flushing a connection")
                     if done:
-                        watched.pop(sock, None)  # type: ignore[arg-type]
+                        watched.pop(sock, None)  # type: ignore[call-overload]
                         _unregister(selector, sock)
                 # Applied in the order submitted, so a socket's forget always
                 # comes before a new socket that reuses its descriptor.
@@ -138,7 +138,7 @@ class Flusher:
                 self._wake_w.close()  # type: ignore[union-attr]
 
 
-def _unregister(selector: selectors.BaseSelector, sock: object) -> None:
+def _unregister(selector: selectors.BaseSelector, sock: Any) -> None:
     try:
         selector.unregister(sock)
     except (KeyError, ValueError, OSError):

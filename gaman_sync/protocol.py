@@ -34,7 +34,7 @@ connection's lock held.
 from __future__ import annotations
 
 import struct
-from typing import Iterator, Optional, Tuple, Union
+from typing import Any, Iterator, Optional, Tuple, Union, cast
 
 from wsproto.connection import ConnectionState
 from wsproto.frame_protocol import Frame, FrameProtocol, Opcode, ParseFailed
@@ -137,7 +137,7 @@ class _FrameProtocol(FrameProtocol):
     reason as 1007 where a malformed close frame is a protocol error (1002)."""
 
     def _process_close(self, frame: Frame) -> Frame:
-        data = frame.payload
+        data = cast(bytes, frame.payload)
         if not data:
             return Frame(frame.opcode, (NO_STATUS, ""), frame.frame_finished,
                          frame.message_finished)
@@ -268,7 +268,7 @@ class Protocol:
         Peeks at wsproto's frame decoder so that a frame announcing more than
         the limit fails at its header instead of after the limit is buffered.
         """
-        decoder = getattr(self._fp, "_frame_decoder", None)
+        decoder: Any = getattr(self._fp, "_frame_decoder", None)
         header = getattr(decoder, "header", None)
         if header is None or header.opcode.iscontrol():
             return self._size
