@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -77,11 +78,11 @@ def wait_for(predicate, timeout=WAIT):
         time.sleep(0.01)
 
 
-@pytest.mark.parametrize("command", [
-    [sys.executable, "-m", "gaman_sync", "examples.chat:block", "--port", "0"],
-    [sys.executable, "examples/chat.py"],
-], ids=["python -m gaman_sync", "python examples/chat.py"])
-def test_chat_runs_from_the_command_line(command):
+@pytest.mark.parametrize("command, stop", [
+    ([sys.executable, "-m", "gaman_sync", "examples.chat:block", "--port", "0"], signal.SIGINT),
+    ([sys.executable, "examples/chat.py"], signal.SIGTERM),
+], ids=["python -m gaman_sync, Ctrl-C", "python examples/chat.py, SIGTERM"])
+def test_chat_runs_from_the_command_line(command, stop):
     env = dict(os.environ, PORT="0", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -91,7 +92,7 @@ def test_chat_runs_from_the_command_line(command):
         with connect(address) as alice, connect(address) as bob:
             alice.send("across processes")
             assert bob.recv(timeout=WAIT) == "across processes"
-        proc.send_signal(2)  # Ctrl-C shuts it down cleanly
+        proc.send_signal(stop)  # either shuts it down cleanly
         _, err = proc.communicate(timeout=WAIT)
         assert proc.returncode == 0
         assert "shut down" in err
