@@ -24,6 +24,7 @@ from .options import Options
 from .protocol import encode_frame
 from .request import Request, format_address
 from .timers import Timers
+from .workers import Workers
 
 __all__ = ["WebSocketServer", "BlockServer", "serve"]
 
@@ -141,6 +142,7 @@ class WebSocketServer:
             raise ValueError("a server needs at least one block")
         self.timers = Timers()
         self.flusher = Flusher()
+        self._workers = Workers("gaman_sync-conn", self._mark)
         self._connections: Dict[Connection, None] = {}
         self._ids = itertools.count(1)
         self._listener: Optional[socket.socket] = None
@@ -276,8 +278,12 @@ class WebSocketServer:
 
     def _thread(self, target: Any, name: str) -> threading.Thread:
         thread = threading.Thread(target=target, name=name, daemon=True)
-        thread._gaman_server = self  # type: ignore[attr-defined]
+        self._mark(thread)
         return thread
+
+    def _mark(self, thread: threading.Thread) -> None:
+        """Make ``thread`` recognisable as this server's (see :meth:`shutdown`)."""
+        thread._gaman_server = self  # type: ignore[attr-defined]
 
     def _capacity(self) -> int:
         """How many more connections may open (the acceptor counts its own)."""
@@ -295,10 +301,14 @@ class WebSocketServer:
             conn = Connection(sock, address, self, next(self._ids), request, view,
                               subprotocol, trailing_data)
             self._connections[conn] = None
-        thread = self._thread(lambda: conn.run(response), f"gaman_sync-conn-{conn.id}")
-        conn.thread = thread
+        def serve() -> None:
+            thread = threading.current_thread()
+            thread.name = f"gaman_sync-conn-{conn.id}"
+            conn.thread = thread
+            conn.run(response)
+
         try:
-            thread.start()
+            self._workers.run(serve)
         except RuntimeError as exc:  # "can't start new thread"
             logger.warning("could not start a thread for a connection: %s", exc)
             self._release(conn)
@@ -338,6 +348,7 @@ class WebSocketServer:
                     stuck = len(self._connections)
                 logger.warning("shutdown: %d connection thread(s) still running "
                                "(a callback that does not return?)", stuck)
+        self._workers.stop(left())
         for conn in conns:
             if conn.thread is not None and conn.thread is not threading.current_thread():
                 conn.thread.join(left())
