@@ -144,7 +144,7 @@ class Connection:
         self._pending_size = 0
         self._watched = False
         self._handler = _EMPTY_HANDLER
-        self._opened = False  # on_open was called: on_close is owed
+        self._opened = False  # the handler gave its callbacks: on_close is owed
         self._attached = False  # in its block's clients
         self._aborted = False
         self._abort_close: Optional[tuple] = None  # close code for a drop without the lock
