@@ -124,14 +124,12 @@ def accept_token(key: bytes) -> bytes:
     return base64.b64encode(hashlib.sha1(key + _GUID).digest())
 
 
-def accept_response(key: bytes, subprotocol: Optional[str] = None,
-                    extra_headers: Iterable[Tuple[str, str]] = ()) -> bytes:
+def accept_response(key: bytes, subprotocol: Optional[str] = None) -> bytes:
     """The ``101 Switching Protocols`` response that opens the connection."""
     lines = [b"HTTP/1.1 101 Switching Protocols", b"Upgrade: websocket",
              b"Connection: Upgrade", b"Sec-WebSocket-Accept: " + accept_token(key)]
     if subprotocol:
         lines.append(b"Sec-WebSocket-Protocol: " + subprotocol.encode("ascii"))
-    lines.extend(f"{k}: {v}".encode("latin-1") for k, v in extra_headers)
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 

@@ -299,7 +299,8 @@ def send_payload(tid: int, seq: int):
     return body if (tid + seq) % 2 else body.encode()
 
 
-def test_many_threads_send_on_one_connection(make_server):
+def capture_connection():
+    """A handler that hands its connection to the test once it is open."""
     opened = threading.Event()
     holder = {}
 
@@ -308,6 +309,12 @@ def test_many_threads_send_on_one_connection(make_server):
             holder["ctx"] = ctx
             opened.set()
         return {"on_open": on_open}
+
+    return handler, holder, opened
+
+
+def test_many_threads_send_on_one_connection(make_server):
+    handler, holder, opened = capture_connection()
 
     # A small write_limit makes senders queue and wait for room while the
     # client is not reading yet, so every write path runs concurrently.
@@ -578,14 +585,7 @@ def _capture(outcome: list, call) -> None:
 def test_close_frame_of_a_send_is_never_split(make_server):
     """ctx.close() from one thread while others send: the close frame is the
     last frame and whole, and no data frame follows it."""
-    opened = threading.Event()
-    holder = {}
-
-    def handler(ctx):
-        def on_open():
-            holder["ctx"] = ctx
-            opened.set()
-        return {"on_open": on_open}
+    handler, holder, opened = capture_connection()
 
     server = make_server(define_block("/", handler), ping_interval=None)
     client = RawClient.connect(server.port, "/")
