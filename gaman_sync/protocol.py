@@ -37,9 +37,15 @@ import struct
 from typing import Any, Iterator, Optional, Tuple, Union, cast
 
 from wsproto.connection import ConnectionState
-from wsproto.frame_protocol import Frame, FrameProtocol, Opcode, ParseFailed
+from wsproto.frame_protocol import (Frame, FrameDecoder, FrameProtocol, Opcode, ParseFailed,
+                                    XorMaskerSimple)
 
 from .errors import ConnectionClosed
+
+try:
+    from ._speedups import xor_mask
+except ImportError:  # not built: wsproto's own unmasking is used
+    xor_mask = None
 
 __all__ = ["Protocol", "Message", "Pong", "Closed", "Failed", "ProtocolEvent",
            "encode_frame", "ConnectionState", "NO_STATUS", "ABNORMAL"]
@@ -131,10 +137,55 @@ def valid_peer_close_code(code: int) -> bool:
     return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
 
 
+class _Unmasker:
+    """wsproto's ``XorMaskerSimple`` with the XOR done in C and in place.
+
+    wsproto hands the masker a fresh ``bytearray`` slice of its buffer and
+    uses what it returns, so XORing that slice in place is safe and saves
+    wsproto's copy; the key turns as wsproto's does, so that a frame whose
+    payload arrives in several reads is unmasked as one.
+    """
+
+    __slots__ = ("_key",)
+
+    def __init__(self, key: bytes) -> None:
+        self._key = bytes(key)
+
+    def process(self, data: bytearray) -> bytearray:
+        if data:
+            if type(data) is not bytearray:
+                data = bytearray(data)
+            key = self._key
+            xor_mask(data, key)
+            turn = len(data) & 3
+            if turn:
+                self._key = key[turn:] + key[:turn]
+        return data
+
+
+class _FrameDecoder(FrameDecoder):
+    """wsproto's frame decoder, unmasking with :class:`_Unmasker`: wsproto
+    still parses and validates every header and payload."""
+
+    def parse_header(self) -> bool:
+        if not super().parse_header():
+            return False
+        key = getattr(self.masker, "_masking_key", None)
+        if type(self.masker) is XorMaskerSimple and key is not None:
+            self.masker = _Unmasker(key)  # type: ignore[assignment]
+        return True
+
+
 class _FrameProtocol(FrameProtocol):
     """wsproto's frame protocol, with the close payload checked against the
     current registry: wsproto refuses 1014, and reports an invalid UTF-8
-    reason as 1007 where a malformed close frame is a protocol error (1002)."""
+    reason as 1007 where a malformed close frame is a protocol error (1002).
+    With the C helper built, its decoder unmasks in C (:class:`_Unmasker`)."""
+
+    def __init__(self, client: bool, extensions: list) -> None:
+        super().__init__(client, extensions)
+        if xor_mask is not None:
+            self._frame_decoder = _FrameDecoder(self.client, self.extensions)
 
     def _process_close(self, frame: Frame) -> Frame:
         data = cast(bytes, frame.payload)

@@ -1,0 +1,103 @@
+"""The optional C helper (gaman_sync/_speedups.c) that unmasks client frames.
+
+It must give exactly what wsproto's own masker gives, for every key, length
+and way a payload is cut into reads, and the server must behave the same
+with or without it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from wsproto.frame_protocol import XorMaskerSimple
+
+from gaman_sync import define_block, protocol
+from gaman_sync.protocol import Message, Protocol
+
+from .rawclient import BINARY, TEXT, RawClient, chunks, frame, mask_bytes
+
+keys = st.binary(min_size=4, max_size=4)
+payloads = st.one_of(st.binary(max_size=300), st.binary(min_size=1000, max_size=70000))
+
+
+def reference_xor(data: bytes, key: bytes) -> bytes:
+    return bytes(b ^ key[i % 4] for i, b in enumerate(data))
+
+
+def test_the_helper_is_built():
+    # CI compiles it; a silent fallback would leave the fast path untested.
+    assert protocol.xor_mask is not None
+
+
+@given(data=st.binary(max_size=200), key=keys)
+def test_xor_mask_is_the_rfc_xor(data, key):
+    buf = bytearray(data)
+    protocol.xor_mask(buf, key)
+    assert bytes(buf) == reference_xor(data, key)
+
+
+def test_xor_mask_refuses_bad_arguments():
+    with pytest.raises(ValueError):
+        protocol.xor_mask(bytearray(8), b"abc")
+    with pytest.raises(TypeError):
+        protocol.xor_mask(b"read-only", b"abcd")
+
+
+@given(data=payloads, key=keys, cuts=st.lists(st.integers(0, 70000), max_size=8))
+def test_unmasker_matches_wsproto_across_reads(data, key, cuts):
+    ours = protocol._Unmasker(key)
+    theirs = XorMaskerSimple(key)
+    got = b"".join(bytes(ours.process(bytearray(c))) for c in chunks(data, cuts))
+    want = b"".join(bytes(theirs.process(bytearray(c))) for c in chunks(data, cuts))
+    assert got == want == mask_bytes(data, key)
+
+
+def messages(proto: Protocol, wire: bytes, cuts) -> list:
+    got = []
+    for piece in chunks(wire, cuts):
+        proto.receive_data(piece)
+        while True:
+            _, event = proto.next_event()
+            if event is None:
+                break
+            assert type(event) is Message, event
+            got.append(event.data)
+    return got
+
+
+@given(sent=st.lists(st.tuples(st.booleans(), payloads, keys), min_size=1, max_size=4),
+       cuts=st.lists(st.integers(0, 300000), max_size=10))
+def test_protocol_gives_the_same_messages_with_and_without_the_helper(sent, cuts):
+    wire = b"".join(frame(TEXT if text else BINARY,
+                          data.decode("latin-1").encode("utf-8") if text else data, key=key)
+                    for text, data, key in sent)
+    expected = [data.decode("latin-1") if text else data for text, data, _ in sent]
+    with_helper = messages(Protocol(1 << 20), wire, cuts)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(protocol, "xor_mask", None)
+        fallback = Protocol(1 << 20)
+    assert not isinstance(fallback._fp._frame_decoder, protocol._FrameDecoder)
+    without = messages(fallback, wire, cuts)
+    assert with_helper == without == expected
+
+
+@pytest.mark.parametrize("helper", [True, False], ids=["C helper", "wsproto masker"])
+def test_echo_on_a_real_socket(make_server, monkeypatch, helper):
+    if not helper:
+        monkeypatch.setattr(protocol, "xor_mask", None)
+    server = make_server([define_block("/echo", lambda ctx: {"on_message": ctx.send})])
+    with RawClient.open(server.port, "/echo") as client:
+        for size in (0, 1, 7, 125, 126, 4099, 65536, 1 << 20):
+            data = os.urandom(size)
+            key = os.urandom(4)
+            # In pieces, so that one frame's payload is unmasked over several reads.
+            wire = frame(BINARY, data, key=key)
+            for piece in chunks(wire, range(0, len(wire), 65537)):
+                client.send(piece)
+            reply = client.recv_frame()
+            assert (reply.opcode, reply.payload) == (BINARY, data), size
+        client.send_frame(TEXT, "žluťoučký kůň " * 1000)
+        assert client.recv_frame().payload.decode("utf-8") == "žluťoučký kůň " * 1000
