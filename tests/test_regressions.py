@@ -150,3 +150,23 @@ def test_second_shutdown_waits_for_the_first(make_server):
         assert closed.kinds() == ["close"]
         first.join(WAIT)
         timer.join(WAIT)
+
+
+def test_socket_setdefaulttimeout_does_not_reach_connections(make_server):
+    """The accept thread reads handshakes without changing a socket's mode; a
+    program-wide default timeout must still not make idle connections fail."""
+    from .rawclient import TEXT, RawClient
+
+    closed = Recorder()
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(0.2)
+    try:
+        server = make_server(define_block("/echo", lambda ctx: {
+            "on_message": ctx.send, "on_close": lambda code, reason: closed.add("close", code)}))
+        with RawClient.open(server.port, "/echo", timeout=WAIT) as client:
+            time.sleep(0.6)  # idle for three default timeouts: nothing may happen
+            client.send_frame(TEXT, "still here")
+            assert client.recv_frame().payload == b"still here"
+            assert closed.kinds() == []
+    finally:
+        socket.setdefaulttimeout(previous)
