@@ -1,16 +1,29 @@
-/* Optional C helper for gaman_sync: unmasking of client frames in place.
+/* Optional C helpers for gaman_sync. Where they are not built, gaman_sync
+ * does the same in Python, only slower.
  *
- * RFC 6455 makes every client-to-server frame XOR its payload with a 4-byte
+ * xor_mask: unmasking of client frames in place. RFC 6455 makes every client-to-server frame XOR its payload with a 4-byte
  * key. wsproto does it in Python with bytes.translate over four strided
  * slices, about 1 ms per MiB: most of what a large message costs a server.
  * This does the same XOR eight bytes at a time (which compilers vectorise).
  * wsproto still parses and validates every frame; only the XOR is done here.
- * If this module is not built, gaman_sync uses wsproto's masker unchanged.
+ *
+ * send, recv, close: socket calls that cannot block made without
+ * releasing the GIL. CPython releases it around every socket call; with
+ * other threads waiting for it, each release hands it over, and the caller,
+ * back from a call that took a few microseconds, sleeps until it gets it
+ * back: two context switches for nothing. Every small write of a threaded
+ * server pays them under load.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <errno.h>
 #include <stdint.h>
 #include <string.h>
+#ifndef _WIN32
+#include <sys/socket.h>
+#include <sys/types.h>
+#include <unistd.h>
+#endif
 
 static PyObject *
 xor_mask(PyObject *module, PyObject *args)
@@ -47,10 +60,99 @@ xor_mask(PyObject *module, PyObject *args)
     Py_RETURN_NONE;
 }
 
+#ifndef _WIN32
+static PyObject *
+send_nonblocking(PyObject *module, PyObject *args)
+{
+    int fd, flags;
+    Py_buffer data;
+    ssize_t sent;
+    if (!PyArg_ParseTuple(args, "iy*i:send", &fd, &data, &flags)) {
+        return NULL;
+    }
+    for (;;) {
+        sent = send(fd, data.buf, (size_t)data.len, flags | MSG_DONTWAIT);
+        if (sent >= 0 || errno != EINTR) {
+            break;
+        }
+        if (PyErr_CheckSignals() < 0) {
+            PyBuffer_Release(&data);
+            return NULL;
+        }
+    }
+    PyBuffer_Release(&data);
+    if (sent < 0) {
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromSsize_t(sent);
+}
+
+static PyObject *
+recv_nonblocking(PyObject *module, PyObject *args)
+{
+    int fd, flags;
+    Py_ssize_t size;
+    ssize_t got;
+    PyObject *buffer;
+    if (!PyArg_ParseTuple(args, "ini:recv", &fd, &size, &flags)) {
+        return NULL;
+    }
+    if (size < 0) {
+        PyErr_SetString(PyExc_ValueError, "negative buffer size");
+        return NULL;
+    }
+    buffer = PyBytes_FromStringAndSize(NULL, size);
+    if (buffer == NULL) {
+        return NULL;
+    }
+    for (;;) {
+        got = recv(fd, PyBytes_AS_STRING(buffer), (size_t)size, flags | MSG_DONTWAIT);
+        if (got >= 0 || errno != EINTR) {
+            break;
+        }
+        if (PyErr_CheckSignals() < 0) {
+            Py_DECREF(buffer);
+            return NULL;
+        }
+    }
+    if (got < 0) {
+        Py_DECREF(buffer);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (got != size && _PyBytes_Resize(&buffer, got) < 0) {
+        return NULL;
+    }
+    return buffer;
+}
+
+static PyObject *
+close_fd(PyObject *module, PyObject *args)
+{
+    int fd;
+    if (!PyArg_ParseTuple(args, "i:close", &fd)) {
+        return NULL;
+    }
+    /* Without SO_LINGER, closing a socket never waits. On EINTR the
+       descriptor is closed all the same: no retry. */
+    if (close(fd) < 0 && errno != EINTR) {
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+#endif
+
 static PyMethodDef methods[] = {
     {"xor_mask", xor_mask, METH_VARARGS,
      "xor_mask(data, key): XOR a writable buffer in place with a 4-byte key, "
      "starting at the key's first byte."},
+#ifndef _WIN32
+    {"send", send_nonblocking, METH_VARARGS,
+     "send(fd, data, flags): socket.send() with MSG_DONTWAIT, keeping the GIL."},
+    {"recv", recv_nonblocking, METH_VARARGS,
+     "recv(fd, size, flags): socket.recv() with MSG_DONTWAIT, keeping the GIL."},
+    {"close", close_fd, METH_VARARGS,
+     "close(fd): close a socket's descriptor, keeping the GIL."},
+#endif
     {NULL, NULL, 0, NULL},
 };
 

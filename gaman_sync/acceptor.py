@@ -35,6 +35,7 @@ import socket
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from . import nonblocking
 from .handshake import (HandshakeError, RequestParser, accept_response, check_upgrade,
                         error_response, to_request)
 from .options import Options
@@ -48,10 +49,6 @@ _RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _READ_SIZE = 4096
 _LINGER = 2.0  # seconds a refused client has to close before we do
 _MAX_BACKOFF = 0.1
-# The sockets stay in blocking mode, which the connection threads want: this
-# thread reads and writes them with these flags instead, saving two fcntl
-# calls per connection.
-_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0) | getattr(socket, "MSG_NOSIGNAL", 0)
 
 Route = Callable[[Request], Any]
 Opened = Callable[[socket.socket, Any, Request, Any, Optional[str], bytes, bytes], None]
@@ -194,7 +191,9 @@ class Acceptor:
 
     def _readable(self, pending: _Pending) -> None:
         try:
-            data = pending.sock.recv(_READ_SIZE, _DONTWAIT)
+            # The socket stays in blocking mode, which its connection's
+            # thread wants: reading without blocking spares two fcntl calls.
+            data = nonblocking.recv(pending.sock, _READ_SIZE)
         except BlockingIOError:
             return
         except OSError:
@@ -250,7 +249,7 @@ class Acceptor:
 
     def _refuse(self, pending: _Pending, response: bytes) -> None:
         try:
-            pending.sock.send(response, _DONTWAIT)
+            nonblocking.send(pending.sock, response)
             pending.sock.shutdown(socket.SHUT_WR)
         except OSError:
             self._close(pending)

@@ -41,6 +41,9 @@ except ImportError:  # pragma: no cover - Python < 3.8
 
 from .errors import ConnectionClosed, SendTimeout
 from .handler import WebSocketHandler, as_handler
+from .nonblocking import DONTWAIT as _DONTWAIT
+from .nonblocking import close as _close_now
+from .nonblocking import send as _send_now
 from .options import Options
 from .protocol import (ABNORMAL, Closed, Failed, Message, Pong, Protocol,
                        check_close_code, encode_frame)
@@ -55,9 +58,6 @@ __all__ = ["Connection", "ReadyState", "ConnectionHost", "ClientView"]
 
 logger = logging.getLogger("gaman_sync")
 
-# Non-blocking, and no SIGPIPE (which would kill a program that restored its
-# default action) when the peer is gone.
-_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0) | getattr(socket, "MSG_NOSIGNAL", 0)
 # Reads start small and grow while they come back full: an idle connection
 # blocks in recv() holding a small buffer (CPython allocates it up front),
 # a large message is read in large chunks.
@@ -247,7 +247,7 @@ class Connection:
             self._pending_size += len(data)
             return
         try:
-            sent = self._sock.send(data, _DONTWAIT)
+            sent = _send_now(self._sock, data)
         except BlockingIOError:
             sent = 0
         except OSError:
@@ -294,7 +294,7 @@ class Connection:
             while pending:
                 chunk = pending[0]
                 try:
-                    sent = self._sock.send(chunk, _DONTWAIT)
+                    sent = _send_now(self._sock, chunk)
                 except BlockingIOError:
                     return False
                 except OSError:
@@ -628,7 +628,7 @@ class Connection:
         if watched:
             self._host.flusher.forget(self._sock)
         try:
-            self._sock.close()
+            _close_now(self._sock)
         except OSError:
             pass
         try:

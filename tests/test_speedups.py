@@ -1,20 +1,23 @@
-"""The optional C helper (gaman_sync/_speedups.c) that unmasks client frames.
+"""The optional C helpers (gaman_sync/_speedups.c): unmasking client frames,
+and socket calls that cannot block made without releasing the GIL.
 
-It must give exactly what wsproto's own masker gives, for every key, length
-and way a payload is cut into reads, and the server must behave the same
-with or without it.
+Unmasking must give exactly what wsproto's own masker gives, for every key,
+length and way a payload is cut into reads; the socket calls must behave as
+the socket methods do; and the server must behave the same with or without
+the helpers.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from wsproto.frame_protocol import XorMaskerSimple
 
-from gaman_sync import define_block, protocol
+from gaman_sync import connection, define_block, nonblocking, protocol
 from gaman_sync.protocol import Message, Protocol
 
 from .rawclient import BINARY, TEXT, RawClient, chunks, frame, mask_bytes
@@ -27,9 +30,63 @@ def reference_xor(data: bytes, key: bytes) -> bytes:
     return bytes(b ^ key[i % 4] for i, b in enumerate(data))
 
 
-def test_the_helper_is_built():
-    # CI compiles it; a silent fallback would leave the fast path untested.
+def test_the_helpers_are_built():
+    # CI compiles them; a silent fallback would leave the fast path untested.
     assert protocol.xor_mask is not None
+    assert nonblocking.send is not nonblocking._send
+    assert nonblocking.recv is not nonblocking._recv
+    assert nonblocking.close is not nonblocking._close
+
+
+@pytest.fixture(params=["C helper", "socket methods"])
+def calls(request):
+    """``(send, recv, close)``: the C helpers, then the socket methods."""
+    if request.param == "C helper":
+        return nonblocking.send, nonblocking.recv, nonblocking.close
+    return nonblocking._send, nonblocking._recv, nonblocking._close
+
+
+def test_nonblocking_calls_behave_as_the_socket_methods(calls):
+    send, recv, close = calls
+    a, b = socket.socketpair()
+    try:
+        with pytest.raises(BlockingIOError):
+            recv(b, 100)
+        assert send(a, b"hello") == 5
+        assert send(a, memoryview(b"<world>")[1:-1]) == 5
+        assert recv(b, 3) == b"hel"
+        assert recv(b, 100) == b"loworld"
+        # The kernel takes what fits, then nothing, and says so.
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        chunk = b"x" * 65536
+        total = 0
+        with pytest.raises(BlockingIOError):
+            for _ in range(1000):
+                total += send(a, chunk)
+        assert 0 < total < 1000 * len(chunk)
+        close(a)
+        assert a.fileno() == -1
+        with pytest.raises(OSError):
+            send(a, b"after close")
+        got = 0
+        while True:  # what was sent before the close, then the end of the stream
+            data = recv(b, 65536)
+            if not data:
+                break
+            got += len(data)
+        assert got == total
+    finally:
+        a.close()
+        b.close()
+
+
+def test_sending_to_a_vanished_peer_raises_without_sigpipe(calls):
+    send, _, _ = calls
+    a, b = socket.socketpair()
+    b.close()
+    with pytest.raises((BrokenPipeError, ConnectionResetError)):
+        send(a, b"anyone?")
+    a.close()
 
 
 @given(data=st.binary(max_size=200), key=keys)
@@ -84,10 +141,14 @@ def test_protocol_gives_the_same_messages_with_and_without_the_helper(sent, cuts
     assert with_helper == without == expected
 
 
-@pytest.mark.parametrize("helper", [True, False], ids=["C helper", "wsproto masker"])
+@pytest.mark.parametrize("helper", [True, False], ids=["C helpers", "pure Python"])
 def test_echo_on_a_real_socket(make_server, monkeypatch, helper):
     if not helper:
         monkeypatch.setattr(protocol, "xor_mask", None)
+        monkeypatch.setattr(connection, "_send_now", nonblocking._send)
+        monkeypatch.setattr(connection, "_close_now", nonblocking._close)
+        monkeypatch.setattr(nonblocking, "send", nonblocking._send)
+        monkeypatch.setattr(nonblocking, "recv", nonblocking._recv)
     server = make_server([define_block("/echo", lambda ctx: {"on_message": ctx.send})])
     with RawClient.open(server.port, "/echo") as client:
         for size in (0, 1, 7, 125, 126, 4099, 65536, 1 << 20):

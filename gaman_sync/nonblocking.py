@@ -1,0 +1,64 @@
+"""Socket calls that cannot block, made without giving up the GIL if the C
+helper is built.
+
+CPython releases the GIL around every socket call. With other threads
+waiting for it, each release hands it over, and the caller, back from a call
+that took a few microseconds, sleeps until it gets it back: two context
+switches that buy nothing when the call could not block anyway. Under load a
+thread-per-connection server pays them on every small write, so these calls
+go through ``gaman_sync._speedups`` where it exists (see ``_speedups.c``),
+and through the socket's own methods with ``MSG_DONTWAIT`` where it does not.
+Both raise ``BlockingIOError`` when the kernel takes or has nothing.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Union
+
+__all__ = ["DONTWAIT", "send", "recv", "close"]
+
+# Non-blocking, and no SIGPIPE (which would kill a program that restored its
+# default action) when the peer is gone.
+DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0) | getattr(socket, "MSG_NOSIGNAL", 0)
+
+Data = Union[bytes, bytearray, memoryview]
+
+try:
+    from ._speedups import close as _c_close
+    from ._speedups import recv as _c_recv
+    from ._speedups import send as _c_send
+except ImportError:  # not built, or not POSIX
+    _c_send = _c_recv = _c_close = None
+
+
+def _send(sock: socket.socket, data: Data) -> int:
+    return sock.send(data, DONTWAIT)
+
+
+def _recv(sock: socket.socket, size: int) -> bytes:
+    return sock.recv(size, DONTWAIT)
+
+
+def _close(sock: socket.socket) -> None:
+    sock.close()
+
+
+if _c_send is not None and _c_recv is not None and _c_close is not None:
+    def send(sock: socket.socket, data: Data) -> int:
+        """Send what the kernel takes now; the count of bytes sent."""
+        return _c_send(sock.fileno(), data, DONTWAIT)
+
+    def recv(sock: socket.socket, size: int) -> bytes:
+        """Up to ``size`` bytes that have arrived (``b""`` at end of stream)."""
+        return _c_recv(sock.fileno(), size, DONTWAIT)
+
+    def close(sock: socket.socket) -> None:
+        """``sock.close()`` (a socket without SO_LINGER never waits to close)."""
+        fd = sock.detach()
+        if fd >= 0:
+            _c_close(fd)
+else:
+    send = _send
+    recv = _recv
+    close = _close
