@@ -207,13 +207,20 @@ class _FrameProtocol(FrameProtocol):
 class Protocol:
     """One server-side WebSocket connection after its handshake, without I/O."""
 
-    __slots__ = ("_fp", "_frames", "_state", "_parts", "_size", "_max", "_done",
-                 "close_code", "close_reason")
+    __slots__ = ("_fp", "_frames", "_inbox", "_feed", "_state", "_parts", "_size", "_max",
+                 "_done", "close_code", "close_reason")
 
     def __init__(self, max_message_size: Optional[int] = None,
                  trailing_data: bytes = b"") -> None:
         self._fp = _FrameProtocol(client=False, extensions=[])
         self._frames: Optional[Iterator] = None  # wsproto's frame generator, while it yields
+        # wsproto's input buffer: when it is empty, every frame that can be
+        # parsed has been, and asking wsproto again would only cost time.
+        self._inbox: Any = getattr(getattr(self._fp, "_frame_decoder", None), "buffer", None)
+        self._feed = self._inbox.feed if hasattr(self._inbox, "buffer") else \
+            self._fp.receive_bytes
+        if not hasattr(self._inbox, "buffer"):
+            self._inbox = None
         self._state = _OPEN
         self._parts: list = []
         self._size = 0
@@ -238,19 +245,23 @@ class Protocol:
     def receive_data(self, data: bytes) -> None:
         """Bytes from the peer. Ignored once the connection has failed or closed."""
         if not self._done:
-            self._fp.receive_bytes(data)
+            self._feed(data)
 
     def next_event(self) -> Tuple[bytes, Optional[ProtocolEvent]]:
         """Bytes to write, then the next event for the application (or ``None``
         when everything received so far has been handled)."""
         out = b""
+        inbox = self._inbox
         while not self._done:
-            if self._frames is None:
-                self._frames = self._fp.received_frames()
-            try:
-                frame = next(self._frames, None)
-            except ParseFailed as exc:
-                return out + self._fail(exc.code, str(exc)), self._failed()
+            if inbox is not None and not inbox.buffer:
+                frame = None
+            else:
+                if self._frames is None:
+                    self._frames = self._fp.received_frames()
+                try:
+                    frame = next(self._frames, None)
+                except ParseFailed as exc:
+                    return out + self._fail(exc.code, str(exc)), self._failed()
             if frame is None:
                 self._frames = None
                 if self._max is not None and self._announced_size() > self._max:
@@ -323,11 +334,11 @@ class Protocol:
         header = getattr(decoder, "header", None)
         if header is None or header.opcode.iscontrol():
             return self._size
-        remaining = header.payload_len - decoder.payload_consumed
         if header.opcode is not Opcode.CONTINUATION:
-            # A new message (or a protocol error wsproto reports next).
-            return remaining
-        return self._size + remaining
+            # A new message (or a protocol error wsproto reports next): this
+            # frame is all of it, whatever part of it was consumed already.
+            return header.payload_len
+        return self._size + header.payload_len - decoder.payload_consumed
 
     def _set_close(self, code: int, reason: str) -> None:
         if self.close_code is None:

@@ -635,6 +635,16 @@ def test_10_4_oversized_frame_fails_at_its_header(serve):
     assert rb.messages() == []
 
 
+def test_10_4_oversized_frame_fails_with_the_start_of_its_payload(serve):
+    server, rb = serve(max_message_size=4 * MiB)
+    with open_client(server) as client:
+        # The header and the first bytes of the payload in one segment.
+        whole = frame(BINARY, b"\0" * (4 * MiB + 1))
+        client.send(whole[:1000])
+        expect_failure(client, 1009, rb)
+    assert rb.messages() == []
+
+
 def test_10_4_huge_announced_length_fails_at_its_header(echo):
     server, rb = echo
     with open_client(server) as client:
