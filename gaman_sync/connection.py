@@ -44,6 +44,11 @@ from .handler import WebSocketHandler, as_handler
 from .nonblocking import DONTWAIT as _DONTWAIT
 from .nonblocking import close as _close_now
 from .nonblocking import send as _send_now
+
+try:
+    from ._speedups import recv_gated as _recv_gated
+except ImportError:
+    _recv_gated = None
 from .options import Options
 from .protocol import (ABNORMAL, Closed, Failed, Message, Pong, Protocol,
                        check_close_code, encode_frame)
@@ -510,7 +515,13 @@ class Connection:
 
     def _read_until_closed(self) -> None:
         sock = self._sock
-        recv = sock.recv
+        recv: Callable[[int], bytes] = sock.recv
+        if _recv_gated is not None and sock.gettimeout() is None:
+            fd = sock.fileno()
+
+            def recv(size: int) -> bytes:
+                # Behind the C helper's gate, see _speedups.c.
+                return _recv_gated(fd, size)
         lock = self._lock
         proto = self._proto
         handler = self._handler

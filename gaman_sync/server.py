@@ -47,6 +47,10 @@ class BlockServer:
         """The :class:`WebSocketServer` that runs this block."""
         self.block = block
         """The :class:`~gaman_sync.Block` served."""
+        # Joined and left without a lock: a dict's item assignment, pop()
+        # and list() are each atomic, and a shared lock here is what
+        # thousands of connections ending at once would queue on (each
+        # holder waiting its turn for the GIL among them).
         self._clients: Dict[Connection, None] = {}
 
     @property
@@ -57,8 +61,7 @@ class BlockServer:
     @property
     def clients(self) -> List[Connection]:
         """The open connections of this block, in the order they opened (a snapshot)."""
-        with self.root._lock:
-            return list(self._clients)
+        return list(self._clients)
 
     @property
     def port(self) -> int:
@@ -78,17 +81,13 @@ class BlockServer:
         instead of holding up the others. Returns the number of clients the
         message was queued for.
         """
-        with self.root._lock:
-            clients = list(self._clients)
-        return _broadcast(clients, message, exclude)
+        return _broadcast(list(self._clients), message, exclude)
 
     def _attach(self, conn: Connection) -> None:
-        with self.root._lock:
-            self._clients[conn] = None
+        self._clients[conn] = None
 
     def _detach(self, conn: Connection) -> None:
-        with self.root._lock:
-            self._clients.pop(conn, None)
+        self._clients.pop(conn, None)
 
     def __repr__(self) -> str:
         return f"<BlockServer {self.path} with {len(self._clients)} clients>"
@@ -166,8 +165,7 @@ class WebSocketServer:
     @property
     def clients(self) -> List[Connection]:
         """The open connections of every block (a snapshot)."""
-        with self._lock:
-            return [c for view in self._routes.values() for c in view._clients]
+        return [c for view in self._routes.values() for c in list(view._clients)]
 
     @property
     def address(self) -> Tuple[Any, ...]:
@@ -270,9 +268,12 @@ class WebSocketServer:
 
     def _release(self, conn: Connection) -> None:
         """A connection's thread is done with it."""
-        with self._lock:
-            self._connections.pop(conn, None)
-            self._released.notify_all()
+        # Without the lock, as for a block's clients; only a shutdown waits
+        # for this, and it sets _closing before it looks.
+        self._connections.pop(conn, None)
+        if self._closing:
+            with self._lock:
+                self._released.notify_all()
 
     # -- Internals -----------------------------------------------------
 

@@ -70,6 +70,8 @@ class Workers:
         while task is not None:
             task()
             task = None
+            if len(self._idle) >= self._max_idle:
+                return  # the usual case after a burst: no shared lock to queue on
             if me is None:
                 me = _Worker()
             with self._lock:
@@ -84,3 +86,4 @@ class Workers:
                 # A task was handed over just as the wait ended.
                 me.wake.acquire()
             task, me.task = me.task, None
+

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 
 import pytest
 from hypothesis import given
@@ -36,6 +37,7 @@ def test_the_helpers_are_built():
     assert nonblocking.send is not nonblocking._send
     assert nonblocking.recv is not nonblocking._recv
     assert nonblocking.close is not nonblocking._close
+    assert connection._recv_gated is not None
 
 
 @pytest.fixture(params=["C helper", "socket methods"])
@@ -78,6 +80,56 @@ def test_nonblocking_calls_behave_as_the_socket_methods(calls):
     finally:
         a.close()
         b.close()
+
+
+def test_recv_gated_is_a_blocking_recv():
+    from gaman_sync._speedups import recv_gated
+
+    a, b = socket.socketpair()
+    try:
+        threading.Timer(0.05, a.sendall, (b"late",)).start()
+        assert recv_gated(b.fileno(), 100) == b"late"  # waited for it
+        a.sendall(b"0123456789")
+        assert recv_gated(b.fileno(), 4) == b"0123"
+        assert recv_gated(b.fileno(), 100) == b"456789"
+        a.close()
+        assert recv_gated(b.fileno(), 100) == b""
+    finally:
+        a.close()
+        b.close()
+    with pytest.raises(OSError):
+        recv_gated(b.fileno(), 100)  # closed: -1
+
+
+def test_recv_gated_wakes_every_thread_when_more_than_the_gate_wake_at_once():
+    """More threads than the gate lets through, woken together: each gets its
+    own data, none is lost behind the gate."""
+    from gaman_sync._speedups import recv_gated
+
+    n = 400  # over the gate's 128
+    pairs = [socket.socketpair() for _ in range(n)]
+    got = [None] * n
+    started = threading.Barrier(n + 1, timeout=10)
+
+    def reader(i: int) -> None:
+        started.wait()
+        got[i] = recv_gated(pairs[i][1].fileno(), 100)
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(n)]
+    try:
+        for t in threads:
+            t.start()
+        started.wait()
+        for i, (a, _) in enumerate(pairs):
+            a.sendall(b"%d" % i)
+        for t in threads:
+            t.join(10)
+        assert not any(t.is_alive() for t in threads)
+        assert got == [b"%d" % i for i in range(n)]
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
 
 
 def test_sending_to_a_vanished_peer_raises_without_sigpipe(calls):
@@ -147,6 +199,7 @@ def test_echo_on_a_real_socket(make_server, monkeypatch, helper):
         monkeypatch.setattr(protocol, "xor_mask", None)
         monkeypatch.setattr(connection, "_send_now", nonblocking._send)
         monkeypatch.setattr(connection, "_close_now", nonblocking._close)
+        monkeypatch.setattr(connection, "_recv_gated", None)
         monkeypatch.setattr(nonblocking, "send", nonblocking._send)
         monkeypatch.setattr(nonblocking, "recv", nonblocking._recv)
     server = make_server([define_block("/echo", lambda ctx: {"on_message": ctx.send})])
