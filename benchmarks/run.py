@@ -75,6 +75,9 @@ class ServerSpec:
     cannot: Dict[str, str] = field(default_factory=dict)  # scenario -> why not
 
 
+_SMALL_ECHO_ONLY = {key: "small-message echo only" for key in (
+    "echo-1mib", "handshakes", "broadcast", "memory", "idle", "mass-disconnect")}
+
 SERVER_SPECS = [
     ServerSpec("gaman_sync", "gaman_sync", "gaman_sync"),
     ServerSpec("websockets-sync", "websockets sync", "websockets"),
@@ -83,6 +86,13 @@ SERVER_SPECS = [
     ServerSpec("websocket-server", "websocket-server", "websocket_server", optional=True,
                cannot={"echo-1mib": "binary frames unsupported"}),
     ServerSpec("tcp-echo", "TCP echo (ceiling)", None, proto="tcp"),
+    # Not WebSocket servers: a TCP echo that also does wsproto's work for one
+    # small message per message echoed, with threads and with asyncio. What
+    # the two designs come to on wsproto before any code of their own.
+    ServerSpec("tcp-echo-wsproto", "TCP echo + wsproto, threads", "wsproto", proto="tcp",
+               cannot=_SMALL_ECHO_ONLY),
+    ServerSpec("tcp-echo-wsproto-asyncio", "TCP echo + wsproto, asyncio", "wsproto",
+               proto="tcp", cannot=_SMALL_ECHO_ONLY),
 ]
 
 

@@ -308,7 +308,8 @@ def _peek_path(sock: socket.socket) -> str:
 
 # -- the ceiling: plain TCP echo -------------------------------------------------
 
-def run_tcp_echo() -> None:
+def run_tcp_echo(work=None) -> None:
+    """``work``, if given, runs once per chunk echoed (see tcp-echo-wsproto)."""
     audience = set()
     lock = threading.Lock()
 
@@ -356,6 +357,8 @@ def run_tcp_echo() -> None:
                     chunk = sock.recv(262144)
                     if not chunk:
                         return
+                    if work is not None:
+                        work()
                     sock.sendall(chunk)
         except (OSError, ValueError):
             pass
@@ -367,6 +370,69 @@ def run_tcp_echo() -> None:
     _accept_forever(listener, serve_connection)
 
 
+def _wsproto_work():
+    """wsproto's work for one 32-byte text message, as a callable: a
+    server-side FrameProtocol parses a masked client frame and encodes the
+    reply, which any WebSocket server on wsproto must do at the least. One
+    FrameProtocol per calling thread."""
+    from wsproto.frame_protocol import FrameProtocol
+
+    frame = bytes(FrameProtocol(client=True, extensions=[]).send_data("x" * 32, True))
+    local = threading.local()
+
+    def work():
+        proto = getattr(local, "proto", None)
+        if proto is None:
+            proto = local.proto = FrameProtocol(client=False, extensions=[])
+        proto.receive_bytes(frame)
+        for received in proto.received_frames():
+            proto.send_data(received.payload, True)
+
+    return work
+
+
+def run_tcp_echo_wsproto() -> None:
+    """The TCP echo, a thread per connection, plus wsproto's work for one
+    message per chunk echoed (in the small-message echo scenarios each chunk
+    is one message): what the design of a threaded server on wsproto comes
+    to without any code of its own."""
+    run_tcp_echo(_wsproto_work())
+
+
+def run_tcp_echo_wsproto_asyncio() -> None:
+    """The same work on asyncio: one thread, one event loop."""
+    import asyncio
+
+    work = _wsproto_work()
+
+    class Echo(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.transport = transport
+            self.greeted = False
+            self.head = b""
+
+        def data_received(self, data):
+            if not self.greeted:
+                self.head += data
+                if b"\n" not in self.head:
+                    return
+                self.greeted = True
+                _, _, data = self.head.partition(b"\n")
+                self.transport.write(b"ok\n")
+                if not data:
+                    return
+            work()
+            self.transport.write(data)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(Echo, HOST, 0, backlog=BACKLOG)
+        ready(server.sockets[0].getsockname()[1])
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
 SERVERS = {
     "gaman_sync": run_gaman_sync,
     "websockets-sync": run_websockets_sync,
@@ -374,6 +440,8 @@ SERVERS = {
     "simple-websocket": run_simple_websocket,
     "websocket-server": run_websocket_server,
     "tcp-echo": run_tcp_echo,
+    "tcp-echo-wsproto": run_tcp_echo_wsproto,
+    "tcp-echo-wsproto-asyncio": run_tcp_echo_wsproto_asyncio,
 }
 
 
