@@ -7,7 +7,7 @@
  * This does the same XOR eight bytes at a time (which compilers vectorise).
  * wsproto still parses and validates every frame; only the XOR is done here.
  *
- * send, recv, close: socket calls that cannot block made without
+ * send, recv, close, accept: socket calls that cannot block made without
  * releasing the GIL. CPython releases it around every socket call; with
  * other threads waiting for it, each release hands it over, and the caller,
  * back from a call that took a few microseconds, sleeps until it gets it
@@ -216,6 +216,37 @@ recv_gated(PyObject *module, PyObject *args)
     return buffer;
 }
 
+#ifdef __linux__
+static PyObject *
+accept_nonblocking(PyObject *module, PyObject *args)
+{
+    int fd, conn;
+    struct sockaddr_storage addr;
+    socklen_t addrlen;
+    if (!PyArg_ParseTuple(args, "i:accept", &fd)) {
+        return NULL;
+    }
+    for (;;) {
+        addrlen = sizeof(addr);
+        /* The listener is non-blocking; the new socket is blocking. */
+        conn = accept4(fd, (struct sockaddr *)&addr, &addrlen, SOCK_CLOEXEC);
+        if (conn >= 0 || errno != EINTR) {
+            break;
+        }
+        if (PyErr_CheckSignals() < 0) {
+            return NULL;
+        }
+    }
+    if (conn < 0) {
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (addrlen > sizeof(addr)) {
+        addrlen = sizeof(addr);
+    }
+    return Py_BuildValue("(iy#)", conn, (const char *)&addr, (Py_ssize_t)addrlen);
+}
+#endif
+
 static PyObject *
 close_fd(PyObject *module, PyObject *args)
 {
@@ -244,6 +275,11 @@ static PyMethodDef methods[] = {
     {"recv_gated", recv_gated, METH_VARARGS,
      "recv_gated(fd, size): a blocking socket.recv() that queues for the GIL "
      "behind a gate (see the module's comment)."},
+#ifdef __linux__
+    {"accept", accept_nonblocking, METH_VARARGS,
+     "accept(fd): (new fd, raw peer address) from a non-blocking listener, "
+     "keeping the GIL."},
+#endif
     {"close", close_fd, METH_VARARGS,
      "close(fd): close a socket's descriptor, keeping the GIL."},
 #endif

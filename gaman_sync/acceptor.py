@@ -142,7 +142,7 @@ class Acceptor:
         """Accept what is waiting; return the pause before the next try (0: none)."""
         for _ in range(64):  # then let pending handshakes have a turn
             try:
-                sock, address = self._listener.accept()
+                sock, address = nonblocking.accept(self._listener)
             except BlockingIOError:
                 break
             except OSError as exc:

@@ -13,10 +13,12 @@ Both raise ``BlockingIOError`` when the kernel takes or has nothing.
 
 from __future__ import annotations
 
+import os
 import socket
-from typing import Union
+import sys
+from typing import Any, Tuple, Union
 
-__all__ = ["DONTWAIT", "send", "recv", "close"]
+__all__ = ["DONTWAIT", "send", "recv", "close", "accept"]
 
 # Non-blocking, and no SIGPIPE (which would kill a program that restored its
 # default action) when the peer is gone.
@@ -30,6 +32,10 @@ try:
     from ._speedups import send as _c_send
 except ImportError:  # not built, or not POSIX
     _c_send = _c_recv = _c_close = None
+try:
+    from ._speedups import accept as _c_accept
+except ImportError:  # not built, or not Linux
+    _c_accept = None
 
 
 def _send(sock: socket.socket, data: Data) -> int:
@@ -42,6 +48,30 @@ def _recv(sock: socket.socket, size: int) -> bytes:
 
 def _close(sock: socket.socket) -> None:
     sock.close()
+
+
+def _accept(listener: socket.socket) -> Tuple[socket.socket, Any]:
+    return listener.accept()
+
+
+def _c_accept_socket(listener: socket.socket) -> Tuple[socket.socket, Any]:
+    fd, raw = _c_accept(listener.fileno())
+    try:
+        sock = socket.socket(listener.family, listener.type, listener.proto, fileno=fd)
+    except OSError:
+        os.close(fd)
+        raise
+    return sock, _peer_address(listener.family, raw, sock)
+
+
+def _peer_address(family: int, raw: bytes, sock: socket.socket) -> Any:
+    """The address that ``accept()`` gives, from the raw ``sockaddr``."""
+    if family == socket.AF_INET and len(raw) >= 8:
+        return socket.inet_ntop(socket.AF_INET, raw[4:8]), int.from_bytes(raw[2:4], "big")
+    if family == socket.AF_INET6 and len(raw) >= 28:
+        return (socket.inet_ntop(socket.AF_INET6, raw[8:24]), int.from_bytes(raw[2:4], "big"),
+                int.from_bytes(raw[4:8], "big"), int.from_bytes(raw[24:28], sys.byteorder))
+    return sock.getpeername()
 
 
 if _c_send is not None and _c_recv is not None and _c_close is not None:
@@ -62,3 +92,6 @@ else:
     send = _send
     recv = _recv
     close = _close
+
+# From a non-blocking listener: (socket, address), as ``listener.accept()``.
+accept = _c_accept_socket if _c_accept is not None else _accept

@@ -10,6 +10,7 @@ the helpers.
 from __future__ import annotations
 
 import os
+import select
 import socket
 import threading
 
@@ -37,19 +38,45 @@ def test_the_helpers_are_built():
     assert nonblocking.send is not nonblocking._send
     assert nonblocking.recv is not nonblocking._recv
     assert nonblocking.close is not nonblocking._close
+    assert nonblocking.accept is not nonblocking._accept
     assert connection._recv_gated is not None
 
 
 @pytest.fixture(params=["C helper", "socket methods"])
 def calls(request):
-    """``(send, recv, close)``: the C helpers, then the socket methods."""
+    """``(send, recv, close, accept)``: the C helpers, then the socket methods."""
     if request.param == "C helper":
-        return nonblocking.send, nonblocking.recv, nonblocking.close
-    return nonblocking._send, nonblocking._recv, nonblocking._close
+        return nonblocking.send, nonblocking.recv, nonblocking.close, nonblocking.accept
+    return nonblocking._send, nonblocking._recv, nonblocking._close, nonblocking._accept
+
+
+@pytest.mark.parametrize("family, host", [(socket.AF_INET, "127.0.0.1"),
+                                          (socket.AF_INET6, "::1")], ids=["IPv4", "IPv6"])
+def test_accept_gives_what_socket_accept_gives(calls, family, host):
+    accept = calls[3]
+    if family == socket.AF_INET6 and not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    try:
+        listener = socket.create_server((host, 0), family=family)
+    except OSError:
+        pytest.skip(f"cannot listen on {host}")
+    listener.setblocking(False)
+    with listener:
+        with pytest.raises(BlockingIOError):
+            accept(listener)
+        client = socket.create_connection(listener.getsockname()[:2], timeout=10)
+        with client:
+            assert select.select([listener], [], [], 10)[0]  # the connection is there
+            sock, address = accept(listener)
+            with sock:
+                assert address == client.getsockname() == sock.getpeername()
+                assert sock.family == family and sock.gettimeout() is None
+                client.sendall(b"ping")
+                assert sock.recv(4) == b"ping"
 
 
 def test_nonblocking_calls_behave_as_the_socket_methods(calls):
-    send, recv, close = calls
+    send, recv, close, _ = calls
     a, b = socket.socketpair()
     try:
         with pytest.raises(BlockingIOError):
@@ -133,7 +160,7 @@ def test_recv_gated_wakes_every_thread_when_more_than_the_gate_wake_at_once():
 
 
 def test_sending_to_a_vanished_peer_raises_without_sigpipe(calls):
-    send, _, _ = calls
+    send = calls[0]
     a, b = socket.socketpair()
     b.close()
     with pytest.raises((BrokenPipeError, ConnectionResetError)):
@@ -202,6 +229,7 @@ def test_echo_on_a_real_socket(make_server, monkeypatch, helper):
         monkeypatch.setattr(connection, "_recv_gated", None)
         monkeypatch.setattr(nonblocking, "send", nonblocking._send)
         monkeypatch.setattr(nonblocking, "recv", nonblocking._recv)
+        monkeypatch.setattr(nonblocking, "accept", nonblocking._accept)
     server = make_server([define_block("/echo", lambda ctx: {"on_message": ctx.send})])
     with RawClient.open(server.port, "/echo") as client:
         for size in (0, 1, 7, 125, 126, 4099, 65536, 1 << 20):
