@@ -24,6 +24,7 @@ client with 1008.
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import sys
@@ -517,11 +518,8 @@ class Connection:
         sock = self._sock
         recv: Callable[[int], bytes] = sock.recv
         if _recv_gated is not None and sock.gettimeout() is None:
-            fd = sock.fileno()
-
-            def recv(size: int) -> bytes:
-                # Behind the C helper's gate, see _speedups.c.
-                return _recv_gated(fd, size)
+            # Queues for the GIL behind the C helper's gate (see _speedups.c).
+            recv = functools.partial(_recv_gated, sock.fileno())
         lock = self._lock
         proto = self._proto
         handler = self._handler
