@@ -308,8 +308,7 @@ def _peek_path(sock: socket.socket) -> str:
 
 # -- the ceiling: plain TCP echo -------------------------------------------------
 
-def run_tcp_echo(work=None) -> None:
-    """``work``, if given, runs once per chunk echoed (see tcp-echo-wsproto)."""
+def run_tcp_echo() -> None:
     audience = set()
     lock = threading.Lock()
 
@@ -357,8 +356,6 @@ def run_tcp_echo(work=None) -> None:
                     chunk = sock.recv(262144)
                     if not chunk:
                         return
-                    if work is not None:
-                        work()
                     sock.sendall(chunk)
         except (OSError, ValueError):
             pass
@@ -395,8 +392,47 @@ def run_tcp_echo_wsproto() -> None:
     """The TCP echo, a thread per connection, plus wsproto's work for one
     message per chunk echoed (in the small-message echo scenarios each chunk
     is one message): what the design of a threaded server on wsproto comes
-    to without any code of its own."""
-    run_tcp_echo(_wsproto_work())
+    to without any code of its own. Its socket calls are gaman_sync's (the C
+    helper's, which keep the GIL where a call cannot block), the fastest we
+    know for threads, so that this is a ceiling."""
+    import functools
+
+    from gaman_sync import nonblocking
+    from gaman_sync.connection import _recv_gated
+
+    work = _wsproto_work()
+
+    def serve_connection(sock):
+        try:
+            data = b""
+            while b"\n" not in data and len(data) < 4096:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    return
+                data += chunk
+            _, _, rest = data.partition(b"\n")
+            sock.sendall(b"ok\n" + rest)
+            recv = (functools.partial(_recv_gated, sock.fileno()) if _recv_gated is not None
+                    else sock.recv)
+            while True:
+                chunk = recv(262144)
+                if not chunk:
+                    return
+                work()
+                while chunk:
+                    try:
+                        chunk = chunk[nonblocking.send(sock, chunk):]
+                    except BlockingIOError:
+                        sock.sendall(chunk)
+                        break
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+    listener = socket.create_server((HOST, 0), backlog=BACKLOG)
+    ready(listener.getsockname()[1])
+    _accept_forever(listener, serve_connection)
 
 
 def run_tcp_echo_wsproto_asyncio() -> None:
