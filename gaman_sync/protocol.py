@@ -137,6 +137,11 @@ def valid_peer_close_code(code: int) -> bool:
     return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
 
 
+# wsproto 1.2's masker returns bytes, 1.3's the bytearray (which 1.3 then
+# copies into bytes itself): ours returns what wsproto's does.
+_MASKER_GIVES_BYTES = type(XorMaskerSimple(b"\0\0\0\0").process(bytearray(b"x"))) is bytes
+
+
 class _Unmasker:
     """wsproto's ``XorMaskerSimple`` with the XOR done in C and in place.
 
@@ -160,6 +165,8 @@ class _Unmasker:
             turn = len(data) & 3
             if turn:
                 self._key = key[turn:] + key[:turn]
+            if _MASKER_GIVES_BYTES:
+                return bytes(data)  # type: ignore[return-value]
         return data
 
 
