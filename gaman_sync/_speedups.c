@@ -1,9 +1,10 @@
 /* Optional C helpers for gaman_sync. Where they are not built, gaman_sync
  * does the same in Python, only slower.
  *
- * xor_mask: unmasking of client frames in place. RFC 6455 makes every client-to-server frame XOR its payload with a 4-byte
- * key. wsproto does it in Python with bytes.translate over four strided
- * slices, about 1 ms per MiB: most of what a large message costs a server.
+ * xor_mask: unmasking of client frames in place. RFC 6455 makes every
+ * client-to-server frame XOR its payload with a 4-byte key. wsproto does it
+ * in Python with bytes.translate over four strided slices, about 1 ms per
+ * MiB: most of what a large message costs a server.
  * This does the same XOR eight bytes at a time (which compilers vectorise).
  * wsproto still parses and validates every frame; only the XOR is done here.
  *
