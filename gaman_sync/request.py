@@ -15,37 +15,25 @@ class Headers(Mapping[str, str]):
     ``", "``, as HTTP allows; :meth:`get_all` gives them one by one.
     """
 
-    __slots__ = ("_items", "_index")
+    __slots__ = ("_items",)
 
     def __init__(self, items: Sequence[Tuple[str, str]]) -> None:
         self._items = tuple(items)
-        self._index: Optional[Dict[str, List[str]]] = None  # lower-case name -> values
-
-    def _values(self, name: str) -> List[str]:
-        index = self._index
-        if index is None:
-            index = {}
-            for k, v in self._items:
-                index.setdefault(k.lower(), []).append(v)
-            self._index = index
-        return index.get(name.lower(), [])
 
     def get_all(self, name: str) -> List[str]:
         """Every value of header ``name``, in the order they were sent."""
-        return list(self._values(name))
+        name = name.lower()
+        return [v for k, v in self._items if k.lower() == name]
 
     def raw_items(self) -> Tuple[Tuple[str, str], ...]:
         """The headers as sent: (name, value) pairs, repeats kept."""
         return self._items
 
     def __getitem__(self, name: str) -> str:
-        values = self._values(name)
+        values = self.get_all(name)
         if not values:
             raise KeyError(name)
         return ", ".join(values)
-
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and bool(self._values(name))
 
     def __iter__(self) -> Iterator[str]:
         seen = set()
