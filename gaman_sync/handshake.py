@@ -11,7 +11,7 @@ import base64
 import binascii
 import hashlib
 from http import HTTPStatus
-from typing import Iterable, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import h11
 
@@ -88,8 +88,12 @@ def check_upgrade(request: Request) -> bytes:
 
     The routing (404) and the method (405) are checked by the caller first.
     """
-    headers = request.headers
-    upgrade = [t.lower() for t in _tokens(headers.get_all("upgrade"))]
+    # Indexed once here, for the six lookups below; not kept, since the
+    # request stays with its connection for its whole life.
+    headers: Dict[str, List[str]] = {}
+    for name, value in request.headers.raw_items():
+        headers.setdefault(name.lower(), []).append(value)
+    upgrade = [t.lower() for t in _tokens(headers.get("upgrade", []))]
     if "websocket" not in upgrade:
         raise HandshakeError(
             426, "this is a WebSocket endpoint: send a WebSocket upgrade request",
@@ -97,16 +101,17 @@ def check_upgrade(request: Request) -> bytes:
              ("Sec-WebSocket-Version", "13")])
     if request.http_version != "1.1":
         raise HandshakeError(400, "a WebSocket upgrade needs HTTP/1.1")
-    if "transfer-encoding" in headers or headers.get("content-length", "0").strip() != "0":
+    if "transfer-encoding" in headers or \
+            ", ".join(headers.get("content-length", ["0"])).strip() != "0":
         # Its body would be read as WebSocket frames.
         raise HandshakeError(400, "a WebSocket upgrade request has no body")
-    if "upgrade" not in (t.lower() for t in _tokens(headers.get_all("connection"))):
+    if "upgrade" not in (t.lower() for t in _tokens(headers.get("connection", []))):
         raise HandshakeError(400, "missing 'Connection: Upgrade'")
-    versions = headers.get_all("sec-websocket-version")
+    versions = headers.get("sec-websocket-version", [])
     if versions != ["13"]:
         raise HandshakeError(426, "unsupported Sec-WebSocket-Version; this server speaks 13",
                              [("Sec-WebSocket-Version", "13")])
-    keys = headers.get_all("sec-websocket-key")
+    keys = headers.get("sec-websocket-key", [])
     if len(keys) != 1:
         raise HandshakeError(400, "missing or repeated Sec-WebSocket-Key")
     key = keys[0].strip().encode("ascii", "replace")
