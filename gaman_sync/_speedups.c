@@ -71,6 +71,17 @@ gate_leave(void)
     pthread_cond_signal(&gate_cond);
     pthread_mutex_unlock(&gate_mutex);
 }
+
+/* A child process starts with the forking thread alone: permits that other
+ * threads held, and the mutex if one held it, are reset. */
+static void
+gate_reset_in_child(void)
+{
+    gate_permits = GATE_PERMITS;
+    gate_tokens = 0;
+    pthread_mutex_init(&gate_mutex, NULL);
+    pthread_cond_init(&gate_cond, NULL);
+}
 #endif
 
 static PyObject *
@@ -115,12 +126,14 @@ send_nonblocking(PyObject *module, PyObject *args)
     int fd, flags;
     Py_buffer data;
     ssize_t sent;
+    int err = 0;
     if (!PyArg_ParseTuple(args, "iy*i:send", &fd, &data, &flags)) {
         return NULL;
     }
     for (;;) {
         sent = send(fd, data.buf, (size_t)data.len, flags | MSG_DONTWAIT);
-        if (sent >= 0 || errno != EINTR) {
+        err = errno;
+        if (sent >= 0 || err != EINTR) {
             break;
         }
         if (PyErr_CheckSignals() < 0) {
@@ -130,6 +143,7 @@ send_nonblocking(PyObject *module, PyObject *args)
     }
     PyBuffer_Release(&data);
     if (sent < 0) {
+        errno = err;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     return PyLong_FromSsize_t(sent);
@@ -138,7 +152,7 @@ send_nonblocking(PyObject *module, PyObject *args)
 static PyObject *
 recv_nonblocking(PyObject *module, PyObject *args)
 {
-    int fd, flags;
+    int fd, flags, err = 0;
     Py_ssize_t size;
     ssize_t got;
     PyObject *buffer;
@@ -155,7 +169,8 @@ recv_nonblocking(PyObject *module, PyObject *args)
     }
     for (;;) {
         got = recv(fd, PyBytes_AS_STRING(buffer), (size_t)size, flags | MSG_DONTWAIT);
-        if (got >= 0 || errno != EINTR) {
+        err = errno;
+        if (got >= 0 || err != EINTR) {
             break;
         }
         if (PyErr_CheckSignals() < 0) {
@@ -165,6 +180,7 @@ recv_nonblocking(PyObject *module, PyObject *args)
     }
     if (got < 0) {
         Py_DECREF(buffer);
+        errno = err;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     if (got != size && _PyBytes_Resize(&buffer, got) < 0) {
@@ -244,7 +260,14 @@ accept_nonblocking(PyObject *module, PyObject *args)
     if (addrlen > sizeof(addr)) {
         addrlen = sizeof(addr);
     }
-    return Py_BuildValue("(iy#)", conn, (const char *)&addr, (Py_ssize_t)addrlen);
+    {
+        PyObject *result = Py_BuildValue("(iy#)", conn, (const char *)&addr,
+                                         (Py_ssize_t)addrlen);
+        if (result == NULL) {
+            close(conn);
+        }
+        return result;
+    }
 }
 #endif
 
@@ -295,6 +318,16 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
+#ifndef _WIN32
+    static int registered = 0;
+    if (!registered) {
+        if (pthread_atfork(NULL, NULL, gate_reset_in_child) != 0) {
+            PyErr_SetString(PyExc_OSError, "pthread_atfork failed");
+            return NULL;
+        }
+        registered = 1;
+    }
+#endif
 
     return PyModule_Create(&module);
 }

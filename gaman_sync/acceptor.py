@@ -167,6 +167,8 @@ class Acceptor:
             except OSError:
                 pass
         options = self._options
+        if not nonblocking.FLAGS_SUFFICE:
+            sock.setblocking(False)
         if self._capacity() - self._handshaking <= 0:
             logger.warning("refusing a connection from %s: max_connections (%s) reached",
                            format_address(address), options.max_connections)
@@ -178,7 +180,12 @@ class Acceptor:
         deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
         pending = _Pending(sock, address, RequestParser(options.max_request_size), deadline)
         self._handshaking += 1
-        self._readable(pending)
+        try:
+            self._readable(pending)
+        except BaseException:
+            if pending.ours and sock not in self._pending:
+                self._close(pending)  # not tracked yet: run()'s cleanup would miss it
+            raise
         if pending.ours and sock not in self._pending:
             self._track(pending)
 
@@ -232,8 +239,7 @@ class Acceptor:
         assert pending.parser is not None
         trailing_data = pending.parser.trailing_data
         self._forget(pending)
-        if pending.sock.gettimeout() is not None:  # socket.setdefaulttimeout() was used
-            pending.sock.setblocking(True)
+        nonblocking.make_blocking(pending.sock)
         # The connection's thread sends the 101, under the connection's lock
         # and after it joined its block's clients: a broadcast can then
         # neither precede the 101 on the wire nor miss a client that has it.

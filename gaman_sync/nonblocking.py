@@ -18,11 +18,18 @@ import socket
 import sys
 from typing import Any, Tuple, Union
 
-__all__ = ["DONTWAIT", "send", "recv", "close", "accept"]
+__all__ = ["DONTWAIT", "FLAGS_SUFFICE", "send", "recv", "close", "accept", "make_blocking"]
 
 # Non-blocking, and no SIGPIPE (which would kill a program that restored its
 # default action) when the peer is gone.
 DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0) | getattr(socket, "MSG_NOSIGNAL", 0)
+# Where MSG_DONTWAIT exists, a blocking socket can be read and written
+# without blocking call by call; elsewhere the socket itself must be put in
+# non-blocking mode for that.
+FLAGS_SUFFICE = hasattr(socket, "MSG_DONTWAIT")
+# Linux's accept4() gives a blocking socket whatever the listener's mode;
+# BSD's accept() (macOS) passes the listener's O_NONBLOCK on.
+_ACCEPT_GIVES_BLOCKING = sys.platform.startswith("linux")
 
 Data = Union[bytes, bytearray, memoryview]
 
@@ -69,9 +76,21 @@ def _peer_address(family: int, raw: bytes, sock: socket.socket) -> Any:
     if family == socket.AF_INET and len(raw) >= 8:
         return socket.inet_ntop(socket.AF_INET, raw[4:8]), int.from_bytes(raw[2:4], "big")
     if family == socket.AF_INET6 and len(raw) >= 28:
+        scope_id = int.from_bytes(raw[24:28], sys.byteorder)
+        if scope_id:  # a link-local peer: its host names the interface (fe80::1%eth0)
+            return sock.getpeername()
         return (socket.inet_ntop(socket.AF_INET6, raw[8:24]), int.from_bytes(raw[2:4], "big"),
-                int.from_bytes(raw[4:8], "big"), int.from_bytes(raw[24:28], sys.byteorder))
+                int.from_bytes(raw[4:8], "big"), 0)
     return sock.getpeername()
+
+
+def make_blocking(sock: socket.socket) -> None:
+    """Put an accepted socket in blocking mode for its connection's thread,
+    unless it already is: a program-wide ``socket.setdefaulttimeout()``, or
+    a non-blocking listener's mode passed on by BSD's ``accept()``, would
+    otherwise make an idle connection's read fail."""
+    if sock.gettimeout() is not None or not _ACCEPT_GIVES_BLOCKING or not FLAGS_SUFFICE:
+        sock.setblocking(True)
 
 
 if _c_send is not None and _c_recv is not None and _c_close is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import select
 import socket
+import sys
 import threading
 
 import pytest
@@ -22,7 +23,12 @@ from wsproto.frame_protocol import XorMaskerSimple
 from gaman_sync import connection, define_block, nonblocking, protocol
 from gaman_sync.protocol import Message, Protocol
 
+from .conftest import WAIT, Recorder
 from .rawclient import BINARY, TEXT, RawClient, chunks, frame, mask_bytes
+
+LINUX = sys.platform.startswith("linux")
+needs_gate = pytest.mark.skipif(connection._recv_gated is None,
+                                reason="the C helper is not built here")
 
 keys = st.binary(min_size=4, max_size=4)
 payloads = st.one_of(st.binary(max_size=300), st.binary(min_size=1000, max_size=70000))
@@ -38,8 +44,9 @@ def test_the_helpers_are_built():
     assert nonblocking.send is not nonblocking._send
     assert nonblocking.recv is not nonblocking._recv
     assert nonblocking.close is not nonblocking._close
-    assert nonblocking.accept is not nonblocking._accept
     assert connection._recv_gated is not None
+    if LINUX:  # accept4()
+        assert nonblocking.accept is not nonblocking._accept
 
 
 @pytest.fixture(params=["C helper", "socket methods"])
@@ -109,6 +116,7 @@ def test_nonblocking_calls_behave_as_the_socket_methods(calls):
         b.close()
 
 
+@needs_gate
 def test_recv_gated_is_a_blocking_recv():
     from gaman_sync._speedups import recv_gated
 
@@ -128,6 +136,7 @@ def test_recv_gated_is_a_blocking_recv():
         recv_gated(b.fileno(), 100)  # closed: -1
 
 
+@needs_gate
 def test_recv_gated_wakes_every_thread_when_more_than_the_gate_wake_at_once():
     """More threads than the gate lets through, woken together: each gets its
     own data, none is lost behind the gate."""
@@ -243,3 +252,33 @@ def test_echo_on_a_real_socket(make_server, monkeypatch, helper):
             assert (reply.opcode, reply.payload) == (BINARY, data), size
         client.send_frame(TEXT, "žluťoučký kůň " * 1000)
         assert client.recv_frame().payload.decode("utf-8") == "žluťoučký kůň " * 1000
+
+
+@pytest.mark.parametrize("inherits", [False, True], ids=["accept4", "BSD accept"])
+def test_connections_get_blocking_sockets(make_server, monkeypatch, inherits):
+    """A connection's thread reads its socket in blocking mode. BSD's accept()
+    passes the non-blocking listener's mode on to the socket (simulated
+    here); an idle connection would then fail with 1006 at its first read."""
+    if inherits:
+        accept = nonblocking.accept
+
+        def bsd_accept(listener):
+            sock, address = accept(listener)
+            os.set_blocking(sock.fileno(), False)
+            return sock, address
+
+        monkeypatch.setattr(nonblocking, "accept", bsd_accept)
+        monkeypatch.setattr(nonblocking, "_ACCEPT_GIVES_BLOCKING", False)
+    seen = Recorder()
+
+    def block(ctx):
+        seen.add("blocking", os.get_blocking(ctx._sock.fileno()))
+        return {"on_message": ctx.send, "on_close": lambda code, reason: seen.add("close", code)}
+
+    server = make_server([define_block("/echo", block)])
+    with RawClient.open(server.port, "/echo", timeout=WAIT) as client:
+        assert seen.wait_kind("blocking") == [("blocking", True)]
+        threading.Event().wait(0.2)  # idle, so that the next read has to wait
+        client.send_frame(TEXT, "still here")
+        assert client.recv_frame().payload == b"still here"
+        assert seen.kinds() == ["blocking"]
