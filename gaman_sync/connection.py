@@ -45,15 +45,15 @@ from .handler import WebSocketHandler, as_handler
 from .nonblocking import DONTWAIT as _DONTWAIT
 from .nonblocking import close as _close_now
 from .nonblocking import send as _send_now
-
-try:
-    from ._speedups import recv_gated as _recv_gated
-except ImportError:
-    _recv_gated = None
 from .options import Options
 from .protocol import (ABNORMAL, Closed, Failed, Message, Pong, Protocol,
                        check_close_code, encode_frame)
 from .request import Request, format_address
+
+try:
+    from ._speedups import recv_gated as _recv_gated
+except ImportError:  # not built, or not POSIX: sock.recv
+    _recv_gated = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from .block import Block

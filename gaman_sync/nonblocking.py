@@ -38,30 +38,35 @@ try:
     from ._speedups import recv as _c_recv
     from ._speedups import send as _c_send
 except ImportError:  # not built, or not POSIX
-    _c_send = _c_recv = _c_close = None
+    _c_send = _c_recv = _c_close = None  # type: ignore[assignment]
 try:
     from ._speedups import accept as _c_accept
 except ImportError:  # not built, or not Linux
-    _c_accept = None
+    _c_accept = None  # type: ignore[assignment]
 
 
 def _send(sock: socket.socket, data: Data) -> int:
+    """Send what the kernel takes now; the count of bytes sent."""
     return sock.send(data, DONTWAIT)
 
 
 def _recv(sock: socket.socket, size: int) -> bytes:
+    """Up to ``size`` bytes that have arrived (``b""`` at end of stream)."""
     return sock.recv(size, DONTWAIT)
 
 
 def _close(sock: socket.socket) -> None:
+    """``sock.close()``."""
     sock.close()
 
 
 def _accept(listener: socket.socket) -> Tuple[socket.socket, Any]:
+    """``listener.accept()``, as ``accept`` is where the C helper is not built."""
     return listener.accept()
 
 
 def _c_accept_socket(listener: socket.socket) -> Tuple[socket.socket, Any]:
+    """``listener.accept()`` through the C helper's accept4()."""
     fd, raw = _c_accept(listener.fileno())
     try:
         sock = socket.socket(listener.family, listener.type, listener.proto, fileno=fd)

@@ -34,7 +34,7 @@ connection's lock held.
 from __future__ import annotations
 
 import struct
-from typing import Any, Iterator, Optional, Tuple, Union, cast
+from typing import Any, Callable, Iterator, Optional, Tuple, Union, cast
 
 from wsproto.connection import ConnectionState
 from wsproto.frame_protocol import (Frame, FrameDecoder, FrameProtocol, Opcode, ParseFailed,
@@ -45,7 +45,7 @@ from .errors import ConnectionClosed
 try:
     from ._speedups import xor_mask
 except ImportError:  # not built: wsproto's own unmasking is used
-    xor_mask = None
+    xor_mask = None  # type: ignore[assignment]
 
 __all__ = ["Protocol", "Message", "Pong", "Closed", "Failed", "ProtocolEvent",
            "encode_frame", "ConnectionState", "NO_STATUS", "ABNORMAL"]
@@ -223,11 +223,12 @@ class Protocol:
         self._frames: Optional[Iterator] = None  # wsproto's frame generator, while it yields
         # wsproto's input buffer: when it is empty, every frame that can be
         # parsed has been, and asking wsproto again would only cost time.
-        self._inbox: Any = getattr(getattr(self._fp, "_frame_decoder", None), "buffer", None)
-        self._feed = self._inbox.feed if hasattr(self._inbox, "buffer") else \
-            self._fp.receive_bytes
-        if not hasattr(self._inbox, "buffer"):
-            self._inbox = None
+        inbox: Any = getattr(getattr(self._fp, "_frame_decoder", None), "buffer", None)
+        if not hasattr(inbox, "buffer"):
+            inbox = None  # another wsproto: always ask it
+        self._inbox = inbox
+        self._feed: Callable[[bytes], None] = (inbox.feed if inbox is not None
+                                               else self._fp.receive_bytes)
         self._state = _OPEN
         self._parts: list = []
         self._size = 0
