@@ -308,18 +308,27 @@ def _peek_path(sock: socket.socket) -> str:
 
 # -- the ceiling: plain TCP echo -------------------------------------------------
 
+def _read_greeting(sock: socket.socket):
+    """The TCP clients' greeting line (the path) and what came after it, or
+    None if the client left first."""
+    data = b""
+    while b"\n" not in data and len(data) < 4096:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
 def run_tcp_echo() -> None:
     audience = set()
     lock = threading.Lock()
 
     def serve_connection(sock):
         try:
-            data = b""
-            while b"\n" not in data and len(data) < 4096:
-                chunk = sock.recv(4096)
-                if not chunk:
-                    return
-                data += chunk
+            data = _read_greeting(sock)
+            if data is None:
+                return
             line, _, rest = data.partition(b"\n")
             path, _, size = line.partition(b" ")
             sock.sendall(b"ok\n")
@@ -404,12 +413,9 @@ def run_tcp_echo_wsproto() -> None:
 
     def serve_connection(sock):
         try:
-            data = b""
-            while b"\n" not in data and len(data) < 4096:
-                chunk = sock.recv(4096)
-                if not chunk:
-                    return
-                data += chunk
+            data = _read_greeting(sock)
+            if data is None:
+                return
             _, _, rest = data.partition(b"\n")
             sock.sendall(b"ok\n" + rest)
             recv = (functools.partial(_recv_gated, sock.fileno()) if _recv_gated is not None

@@ -149,16 +149,15 @@ send_nonblocking(PyObject *module, PyObject *args)
     return PyLong_FromSsize_t(sent);
 }
 
+/* recv() into a new bytes object, as socket.recv() does. Gated: a blocking
+ * recv that releases the GIL, then queues for it behind the gate; else a
+ * non-blocking one that keeps the GIL. */
 static PyObject *
-recv_nonblocking(PyObject *module, PyObject *args)
+recv_bytes(int fd, Py_ssize_t size, int flags, int gated)
 {
-    int fd, flags, err = 0;
-    Py_ssize_t size;
+    int err;
     ssize_t got;
     PyObject *buffer;
-    if (!PyArg_ParseTuple(args, "ini:recv", &fd, &size, &flags)) {
-        return NULL;
-    }
     if (size < 0) {
         PyErr_SetString(PyExc_ValueError, "negative buffer size");
         return NULL;
@@ -168,8 +167,18 @@ recv_nonblocking(PyObject *module, PyObject *args)
         return NULL;
     }
     for (;;) {
-        got = recv(fd, PyBytes_AS_STRING(buffer), (size_t)size, flags | MSG_DONTWAIT);
-        err = errno;
+        if (gated) {
+            Py_BEGIN_ALLOW_THREADS
+            got = recv(fd, PyBytes_AS_STRING(buffer), (size_t)size, flags);
+            err = errno;
+            gate_enter();
+            Py_END_ALLOW_THREADS
+            gate_leave();
+        }
+        else {
+            got = recv(fd, PyBytes_AS_STRING(buffer), (size_t)size, flags | MSG_DONTWAIT);
+            err = errno;
+        }
         if (got >= 0 || err != EINTR) {
             break;
         }
@@ -190,47 +199,25 @@ recv_nonblocking(PyObject *module, PyObject *args)
 }
 
 static PyObject *
+recv_nonblocking(PyObject *module, PyObject *args)
+{
+    int fd, flags;
+    Py_ssize_t size;
+    if (!PyArg_ParseTuple(args, "ini:recv", &fd, &size, &flags)) {
+        return NULL;
+    }
+    return recv_bytes(fd, size, flags, 0);
+}
+
+static PyObject *
 recv_gated(PyObject *module, PyObject *args)
 {
-    int fd, err;
+    int fd;
     Py_ssize_t size;
-    ssize_t got;
-    PyObject *buffer;
     if (!PyArg_ParseTuple(args, "in:recv_gated", &fd, &size)) {
         return NULL;
     }
-    if (size < 0) {
-        PyErr_SetString(PyExc_ValueError, "negative buffer size");
-        return NULL;
-    }
-    buffer = PyBytes_FromStringAndSize(NULL, size);
-    if (buffer == NULL) {
-        return NULL;
-    }
-    for (;;) {
-        Py_BEGIN_ALLOW_THREADS
-        got = recv(fd, PyBytes_AS_STRING(buffer), (size_t)size, 0);
-        err = errno;
-        gate_enter();
-        Py_END_ALLOW_THREADS
-        gate_leave();
-        if (got >= 0 || err != EINTR) {
-            break;
-        }
-        if (PyErr_CheckSignals() < 0) {
-            Py_DECREF(buffer);
-            return NULL;
-        }
-    }
-    if (got < 0) {
-        Py_DECREF(buffer);
-        errno = err;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    if (got != size && _PyBytes_Resize(&buffer, got) < 0) {
-        return NULL;
-    }
-    return buffer;
+    return recv_bytes(fd, size, 0, 1);
 }
 
 #ifdef __linux__
