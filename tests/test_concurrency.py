@@ -300,21 +300,27 @@ def send_payload(tid: int, seq: int):
 
 
 def capture_connection():
-    """A handler that hands its connection to the test once it is open."""
+    """A handler that hands its connection to the test once it is open, and
+    its close code (``holder["code"]``, then ``closed`` is set) once closed."""
     opened = threading.Event()
+    closed = threading.Event()
     holder = {}
 
     def handler(ctx):
         def on_open():
             holder["ctx"] = ctx
             opened.set()
-        return {"on_open": on_open}
 
-    return handler, holder, opened
+        def on_close(code, reason):
+            holder["code"] = code
+            closed.set()
+        return {"on_open": on_open, "on_close": on_close}
+
+    return handler, holder, opened, closed
 
 
 def test_many_threads_send_on_one_connection(make_server):
-    handler, holder, opened = capture_connection()
+    handler, holder, opened, _ = capture_connection()
 
     # A small write_limit makes senders queue and wait for room while the
     # client is not reading yet, so every write path runs concurrently.
@@ -472,15 +478,7 @@ def test_send_to_stalled_client_times_out_without_delaying_others(make_server):
 def test_send_waiting_for_room_raises_when_the_connection_is_dropped(make_server):
     """A send that waits on a full buffer must not report success once the
     connection is gone: its message was never sent."""
-    opened = threading.Event()
-    closed = threading.Event()
-    holder = {}
-
-    def handler(ctx):
-        def on_open():
-            holder["ctx"] = ctx
-            opened.set()
-        return {"on_open": on_open, "on_close": lambda code, reason: closed.set()}
+    handler, holder, opened, closed = capture_connection()
 
     server = make_server(define_block("/", handler), ping_interval=None,
                          write_limit=32 * 1024, send_timeout=10)
@@ -520,19 +518,7 @@ def test_send_waiting_for_room_raises_when_the_connection_is_dropped(make_server
 def test_send_after_connection_lost_raises(make_server, how):
     """After on_close, send() from another thread raises ConnectionClosed
     instead of dropping the message silently."""
-    opened = threading.Event()
-    closed = threading.Event()
-    holder = {}
-
-    def handler(ctx):
-        def on_open():
-            holder["ctx"] = ctx
-            opened.set()
-
-        def on_close(code, reason):
-            holder["code"] = code
-            closed.set()
-        return {"on_open": on_open, "on_close": on_close}
+    handler, holder, opened, closed = capture_connection()
 
     server = make_server(define_block("/", handler), ping_interval=None)
     client = RawClient.connect(server.port, "/")
@@ -585,7 +571,7 @@ def _capture(outcome: list, call) -> None:
 def test_close_frame_of_a_send_is_never_split(make_server):
     """ctx.close() from one thread while others send: the close frame is the
     last frame and whole, and no data frame follows it."""
-    handler, holder, opened = capture_connection()
+    handler, holder, opened, _ = capture_connection()
 
     server = make_server(define_block("/", handler), ping_interval=None)
     client = RawClient.connect(server.port, "/")
