@@ -26,8 +26,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage, Request, TextMessage
 from wsproto.frame_protocol import FrameProtocol
 
-from gaman_sync import protocol
-from gaman_sync.protocol import Protocol, encode_frame
+from gaman_sync.protocol import Protocol, Side, encode_frame
 
 SMALL = "x" * 32
 LARGE = bytes(range(256)) * 4096  # 1 MiB
@@ -72,7 +71,7 @@ def wsproto_echo(wire: bytes, chunk: int) -> Callable[[], int]:
 
 
 def gaman_echo(wire: bytes, chunk: int) -> Callable[[], int]:
-    proto = Protocol(16 << 20)
+    proto = Protocol(Side.SERVER, 16 << 20)
 
     def run() -> int:
         replies = 0
@@ -108,7 +107,7 @@ def main() -> None:
     small_count = 1000
     small = client_frames(SMALL, small_count)
     large = client_frames(LARGE)
-    helper = "with" if protocol.xor_mask is not None else "without"
+    helper = "with" if Protocol(Side.SERVER).unmasks_in_c else "without"
     print(f"gaman_sync {helper} its C helper; one core, no I/O\n")
     print("| case | 32 B text: µs per message | messages/s | 1 MiB binary: ms per MiB | MiB/s |")
     print("|---|--:|--:|--:|--:|")

@@ -406,8 +406,8 @@ def run_tcp_echo_wsproto() -> None:
     know for threads, so that this is a ceiling."""
     import functools
 
-    from gaman_sync import nonblocking
-    from gaman_sync.connection import _recv_gated
+    from gaman_sync.io import nonblocking
+    _recv_gated = nonblocking.recv_gated
 
     work = _wsproto_work()
 

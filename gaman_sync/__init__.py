@@ -1,33 +1,74 @@
-"""gaman_sync: a threaded, synchronous WebSocket server on wsproto, with the
-API of GamanJS's WebSocket blocks.
+"""gaman_sync: a threaded, synchronous WebSocket server and client on wsproto,
+with the API of GamanJS's WebSocket blocks.
 
-Layers, each importing only the ones below it:
+Layers, each a folder, each importing only the ones below it:
 
-- the contract: :mod:`~gaman_sync.block` and :mod:`~gaman_sync.handler`
-  (what a user writes);
-- the server: :mod:`~gaman_sync.server` (accept, routing, clients, shutdown);
-- one connection: :mod:`~gaman_sync.connection` (its socket, its thread, the
-  write path), with the shared :mod:`~gaman_sync.timers` and
-  :mod:`~gaman_sync.flusher` threads;
-- the protocol glue: :mod:`~gaman_sync.handshake` and
-  :mod:`~gaman_sync.protocol` (no sockets; wsproto and h11 underneath).
+- :mod:`~gaman_sync.app`: the GamanJS contract (blocks);
+- :mod:`~gaman_sync.server` and :mod:`~gaman_sync.client`: the two ends;
+- :mod:`~gaman_sync.connection`: the engine they share (the connection's
+  thread, write path, keepalive, closing, and the callbacks it dispatches);
+- :mod:`~gaman_sync.io`: transports and the shared threads;
+- :mod:`~gaman_sync.protocol`: sans-IO frames, handshakes and the state
+  machine (wsproto and h11 underneath; no socket, no thread).
+
+``exceptions`` and ``options`` are leaves every layer may use, and so is the
+optional C helper ``_speedups``. The names below are imported on first use,
+so that ``import gaman_sync.protocol`` loads no socket or thread machinery.
 """
 
-from .block import Block, define_block
-from .connection import Connection, ReadyState
-from .errors import ConnectionClosed, SendTimeout, WebSocketError
-from .handler import WebSocketHandler
-from .options import Options
-from .request import Headers, Request
-from .server import BlockServer, WebSocketServer, serve
+from __future__ import annotations
 
-WebSocketContext = Connection
-"""The connection a block's handler receives as ``ctx`` (GamanJS's name)."""
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-__all__ = [
-    "Block", "BlockServer", "Connection", "ConnectionClosed", "Headers", "Options",
-    "ReadyState", "Request", "SendTimeout", "WebSocketContext", "WebSocketError",
-    "WebSocketHandler", "WebSocketServer", "define_block", "serve", "__version__",
-]
+# name -> the module that defines it
+_EXPORTS = {
+    "Block": "app", "define_block": "app",
+    "BlockServer": "server", "ServerConnection": "server", "WebSocketServer": "server",
+    "serve": "server",
+    "ClientConnection": "client", "connect": "client",
+    "Connection": "connection", "ReadyState": "connection", "WebSocketHandler": "connection",
+    "Options": "options",
+    "CloseCode": "protocol", "Headers": "protocol", "Request": "protocol",
+    "Response": "protocol",
+    "WebSocketError": "exceptions", "ConnectionClosed": "exceptions",
+    "ConnectionClosedOK": "exceptions", "ConnectionClosedError": "exceptions",
+    "SendTimeout": "exceptions", "InvalidHandshake": "exceptions", "InvalidURI": "exceptions",
+    "InvalidStatus": "exceptions", "InvalidHeader": "exceptions",
+    "InvalidMessage": "exceptions", "HandshakeTimeout": "exceptions",
+}
+# GamanJS's names for ours.
+_ALIASES = {"WebSocketContext": ("server", "ServerConnection")}
+
+__all__ = sorted([*_EXPORTS, *_ALIASES, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        module, attr = _EXPORTS[name], name
+    elif name in _ALIASES:
+        module, attr = _ALIASES[name]
+    else:
+        raise AttributeError(f"module 'gaman_sync' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), attr)
+    globals()[name] = value  # once found, a plain attribute
+    return value
+
+
+def __dir__() -> list:
+    return sorted({*globals(), *__all__})
+
+
+if TYPE_CHECKING:  # what type checkers and IDEs see
+    from .app import Block, define_block
+    from .client import ClientConnection, connect
+    from .connection import Connection, ReadyState, WebSocketHandler
+    from .exceptions import (ConnectionClosed, ConnectionClosedError, ConnectionClosedOK,
+                             HandshakeTimeout, InvalidHandshake, InvalidHeader, InvalidMessage,
+                             InvalidStatus, InvalidURI, SendTimeout, WebSocketError)
+    from .options import Options
+    from .protocol import CloseCode, Headers, Request, Response
+    from .server import BlockServer, ServerConnection, WebSocketServer, serve
+    WebSocketContext = ServerConnection

@@ -1,21 +1,31 @@
-"""The settings of a server and of each of its connections, grouped by concern."""
+"""The settings of a server and of each of its connections, grouped by concern.
+
+Every value is checked when the options are made, so that a wrong type or
+value is one clear error that names the option, not a failure deep in a
+connection's thread later.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
-__all__ = ["Options"]
+__all__ = ["Options", "check_port", "SERVER_ONLY"]
 
 KiB = 1024
 MiB = 1024 * KiB
+
+# Options that only a server uses: a client refuses them.
+SERVER_ONLY = frozenset({"max_request_size", "max_connections", "handshake_timeout",
+                         "shutdown_timeout"})
 
 
 @dataclass(frozen=True)
 class Options:
     """Every setting has a safe default; pass any of them to
-    :class:`~gaman_sync.WebSocketServer` or :func:`~gaman_sync.serve` by name.
-    One instance is shared by all connections of a server."""
+    :class:`~gaman_sync.WebSocketServer`, :func:`~gaman_sync.serve` or
+    :func:`~gaman_sync.connect` by name. One instance is shared by all
+    connections of a server."""
 
     # Limits on what a peer may send.
     max_message_size: Optional[int] = 1 * MiB
@@ -29,7 +39,11 @@ class Options:
     handshake_timeout: Optional[float] = 10.0
     """Time a client has to send its whole opening request."""
     close_timeout: Optional[float] = 10.0
-    """Time the peer has to answer our close frame before TCP is dropped."""
+    """Time the peer has to answer our close frame before TCP is dropped.
+    ``None``: 10 s for the last bytes, and no timer for the close."""
+    shutdown_timeout: float = 5.0
+    """How long :meth:`~gaman_sync.WebSocketServer.shutdown` waits for clients
+    to answer its 1001 close before it drops them."""
 
     # Keepalive.
     ping_interval: Optional[float] = 20.0
@@ -43,24 +57,54 @@ class Options:
     kernel holds). ``send`` waits while it is full; a ``broadcast`` that finds
     it full closes that client with 1008."""
     send_timeout: Optional[float] = 10.0
-    """How long ``send`` waits for room in a full buffer before it raises
+    """How long ``send`` waits for room in a full outgoing buffer before it raises
     :class:`~gaman_sync.SendTimeout`. ``None``: wait as long as it takes."""
 
     def __post_init__(self) -> None:
-        for name in ("max_message_size", "handshake_timeout", "close_timeout",
-                     "ping_interval", "ping_timeout", "send_timeout"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"{name} must be positive or None, not {value!r}")
-        for name in ("max_request_size", "max_connections", "write_limit"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in _SECONDS:
+                _check_seconds(f.name, value, optional=f.name != "shutdown_timeout")
+            else:
+                _check_size(f.name, value, optional=f.name == "max_message_size")
 
     @classmethod
-    def from_kwargs(cls, options: dict[str, Any]) -> "Options":
+    def from_kwargs(cls, options: Dict[str, Any]) -> "Options":
         """Build options from keyword arguments, naming any unknown one."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
             raise TypeError(f"unknown option(s) {', '.join(unknown)}; known: {sorted(known)}")
         return cls(**options)
+
+
+_SECONDS = frozenset({"handshake_timeout", "close_timeout", "shutdown_timeout",
+                      "ping_interval", "ping_timeout", "send_timeout"})
+
+
+def _check_seconds(name: str, value: Any, optional: bool) -> None:
+    if value is None and optional:
+        return
+    accepts = "a positive number of seconds" + (" or None" if optional else "")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be {accepts}, not {value!r}")
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{name} must be {accepts}, not {value!r}")
+
+
+def _check_size(name: str, value: Any, optional: bool) -> None:
+    if value is None and optional:
+        return
+    accepts = "a positive int" + (" (bytes) or None" if optional else "")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be {accepts}, not {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be {accepts}, not {value!r}")
+
+
+def check_port(port: Any) -> None:
+    """Raise unless ``port`` is a TCP port number (0 picks a free one)."""
+    if isinstance(port, bool) or not isinstance(port, int):
+        raise TypeError(f"port must be an int from 0 to 65535, not {port!r}")
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be an int from 0 to 65535, not {port!r}")

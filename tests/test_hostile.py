@@ -209,7 +209,7 @@ def start_lazy_helpers(server) -> None:
         s.settimeout(WAIT)
         s.connect(("127.0.0.1", server.port))
         s.sendall(handshake_request("/big"))
-        assert wait_until(lambda: server.flusher.thread is not None)
+        assert wait_until(lambda: server.runtime.flusher.thread is not None)
         got = 0
         while got < (16 << 20):
             chunk = s.recv(1 << 20)
@@ -217,7 +217,7 @@ def start_lazy_helpers(server) -> None:
             got += len(chunk)
         s.sendall(close_frame(1000))
         read_to_eof(s)
-    assert server.timers.thread is not None
+    assert server.runtime.timers.thread is not None
 
 
 def test_2000_hostile_connections_leave_nothing_behind(make_server, caplog):

@@ -14,7 +14,7 @@ import pytest
 from websockets.sync.client import connect
 
 from examples import chat
-from gaman_sync import WebSocketServer, define_block
+from gaman_sync import ReadyState, WebSocketServer, define_block
 
 from .conftest import WAIT, Recorder
 
@@ -32,11 +32,19 @@ def test_a_client_that_has_its_101_gets_the_next_broadcast(make_server):
             assert bob.recv(timeout=WAIT) == f"m{i}"
 
 
-def test_the_handler_already_sees_its_connection_in_clients(make_server):
+def test_a_connection_joins_clients_once_its_handler_returned(make_server):
+    """The handler runs before the 101 (CONNECTING) and sees the others;
+    on_open runs after it, with the connection among the clients."""
     seen = Recorder()
-    server = make_server(define_block("/", lambda ctx: seen.add("in", ctx in ctx.server.clients)))
+
+    def handler(ctx):
+        seen.add("handler", ctx in ctx.server.clients, ctx.ready_state)
+        return {"on_open": lambda: seen.add("open", ctx in ctx.server.clients, ctx.ready_state)}
+
+    server = make_server(define_block("/", handler))
     with connect(f"ws://127.0.0.1:{server.port}/"):
-        assert seen.wait_kind("in") == [("in", True)]
+        assert seen.wait_kind("open") == [("handler", False, ReadyState.CONNECTING),
+                                          ("open", True, ReadyState.OPEN)]
 
 
 def test_async_functions_are_refused_clearly(make_server):

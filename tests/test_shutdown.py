@@ -305,8 +305,8 @@ def test_shutdown_from_a_signal_handler_that_interrupts_a_broadcast(make_server,
             for ctx in list(tracker.ctxs.values()):
                 ctx.terminate()
             tracker.wait(lambda: len(tracker.closes) == 20, what="the cleanup")
-            server.timers.stop(WAIT)
-            server.flusher.stop(WAIT)
+            server.runtime.timers.stop(WAIT)
+            server.runtime.flusher.stop(WAIT)
         assert not result.get("deadlock"), \
             "shutdown() from a signal handler deadlocked: the handler interrupted a broadcast " \
             "holding a connection's lock, and shutdown waited for that lock"

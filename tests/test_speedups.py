@@ -20,14 +20,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from wsproto.frame_protocol import XorMaskerSimple
 
-from gaman_sync import connection, define_block, nonblocking, protocol
-from gaman_sync.protocol import Message, Protocol
+from gaman_sync import define_block
+from gaman_sync.io import nonblocking
+from gaman_sync.protocol import MessageReceived, Protocol, Side, frames
 
 from .conftest import WAIT, Recorder
 from .rawclient import BINARY, TEXT, RawClient, chunks, frame, mask_bytes
 
 LINUX = sys.platform.startswith("linux")
-needs_gate = pytest.mark.skipif(connection._recv_gated is None,
+needs_gate = pytest.mark.skipif(nonblocking.recv_gated is None,
                                 reason="the C helper is not built here")
 
 keys = st.binary(min_size=4, max_size=4)
@@ -40,13 +41,15 @@ def reference_xor(data: bytes, key: bytes) -> bytes:
 
 def test_the_helpers_are_built():
     # CI compiles them; a silent fallback would leave the fast path untested.
-    assert protocol.xor_mask is not None
-    assert nonblocking.send is not nonblocking._send
-    assert nonblocking.recv is not nonblocking._recv
-    assert nonblocking.close is not nonblocking._close
-    assert connection._recv_gated is not None
+    assert frames.xor_mask is not None
+    assert nonblocking.speedups_status() == (True, "")
+    assert nonblocking.send is not nonblocking.send_plain
+    assert nonblocking.recv is not nonblocking.recv_plain
+    assert nonblocking.close is not nonblocking.close_plain
+    assert nonblocking.recv_gated is not None
+    assert Protocol(Side.SERVER).unmasks_in_c
     if LINUX:  # accept4()
-        assert nonblocking.accept is not nonblocking._accept
+        assert nonblocking.accept is not nonblocking.accept_plain
 
 
 @pytest.fixture(params=["C helper", "socket methods"])
@@ -54,7 +57,8 @@ def calls(request):
     """``(send, recv, close, accept)``: the C helpers, then the socket methods."""
     if request.param == "C helper":
         return nonblocking.send, nonblocking.recv, nonblocking.close, nonblocking.accept
-    return nonblocking._send, nonblocking._recv, nonblocking._close, nonblocking._accept
+    return (nonblocking.send_plain, nonblocking.recv_plain, nonblocking.close_plain,
+            nonblocking.accept_plain)
 
 
 @pytest.mark.parametrize("family, host", [(socket.AF_INET, "127.0.0.1"),
@@ -180,24 +184,15 @@ def test_sending_to_a_vanished_peer_raises_without_sigpipe(calls):
 @given(data=st.binary(max_size=200), key=keys)
 def test_xor_mask_is_the_rfc_xor(data, key):
     buf = bytearray(data)
-    protocol.xor_mask(buf, key)
+    frames.xor_mask(buf, key)
     assert bytes(buf) == reference_xor(data, key)
 
 
 def test_xor_mask_refuses_bad_arguments():
     with pytest.raises(ValueError):
-        protocol.xor_mask(bytearray(8), b"abc")
+        frames.xor_mask(bytearray(8), b"abc")
     with pytest.raises(TypeError):
-        protocol.xor_mask(b"read-only", b"abcd")
-
-
-@given(data=payloads, key=keys, cuts=st.lists(st.integers(0, 70000), max_size=8))
-def test_unmasker_matches_wsproto_across_reads(data, key, cuts):
-    ours = protocol._Unmasker(key)
-    theirs = XorMaskerSimple(key)
-    got = b"".join(bytes(ours.process(bytearray(c))) for c in chunks(data, cuts))
-    want = b"".join(bytes(theirs.process(bytearray(c))) for c in chunks(data, cuts))
-    assert got == want == mask_bytes(data, key)
+        frames.xor_mask(b"read-only", b"abcd")
 
 
 def messages(proto: Protocol, wire: bytes, cuts) -> list:
@@ -208,7 +203,7 @@ def messages(proto: Protocol, wire: bytes, cuts) -> list:
             _, event = proto.next_event()
             if event is None:
                 break
-            assert type(event) is Message, event
+            assert type(event) is MessageReceived, event
             got.append(event.data)
     return got
 
@@ -220,26 +215,32 @@ def test_protocol_gives_the_same_messages_with_and_without_the_helper(sent, cuts
                           data.decode("latin-1").encode("utf-8") if text else data, key=key)
                     for text, data, key in sent)
     expected = [data.decode("latin-1") if text else data for text, data, _ in sent]
-    with_helper = messages(Protocol(1 << 20), wire, cuts)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(protocol, "xor_mask", None)
-        fallback = Protocol(1 << 20)
-    assert not isinstance(fallback._fp._frame_decoder, protocol._FrameDecoder)
+    helped = Protocol(Side.SERVER, 1 << 20)
+    fallback = Protocol(Side.SERVER, 1 << 20, unmask_in_c=False)
+    assert helped.unmasks_in_c and not fallback.unmasks_in_c
+    with_helper = messages(helped, wire, cuts)
     without = messages(fallback, wire, cuts)
     assert with_helper == without == expected
 
 
 @pytest.mark.parametrize("helper", [True, False], ids=["C helpers", "pure Python"])
-def test_echo_on_a_real_socket(make_server, monkeypatch, helper):
-    if not helper:
-        monkeypatch.setattr(protocol, "xor_mask", None)
-        monkeypatch.setattr(connection, "_send_now", nonblocking._send)
-        monkeypatch.setattr(connection, "_close_now", nonblocking._close)
-        monkeypatch.setattr(connection, "_recv_gated", None)
-        monkeypatch.setattr(nonblocking, "send", nonblocking._send)
-        monkeypatch.setattr(nonblocking, "recv", nonblocking._recv)
-        monkeypatch.setattr(nonblocking, "accept", nonblocking._accept)
-    server = make_server([define_block("/echo", lambda ctx: {"on_message": ctx.send})])
+def test_echo_on_a_real_socket(make_server, helper):
+    transports = []
+
+    def echo(ctx):
+        transports.append(ctx.transport)
+        return {"on_message": ctx.send}
+
+    nonblocking.use_speedups(helper)
+    try:
+        server = make_server([define_block("/echo", echo)])
+        echo_over(server)
+    finally:
+        nonblocking.use_speedups(True)
+    assert [t.uses_speedups for t in transports] == [helper]
+
+
+def echo_over(server) -> None:
     with RawClient.open(server.port, "/echo") as client:
         for size in (0, 1, 7, 125, 126, 4099, 65536, 1 << 20):
             data = os.urandom(size)
@@ -268,11 +269,11 @@ def test_connections_get_blocking_sockets(make_server, monkeypatch, inherits):
             return sock, address
 
         monkeypatch.setattr(nonblocking, "accept", bsd_accept)
-        monkeypatch.setattr(nonblocking, "_ACCEPT_GIVES_BLOCKING", False)
+        monkeypatch.setattr(nonblocking, "ACCEPT_GIVES_BLOCKING", False)
     seen = Recorder()
 
     def block(ctx):
-        seen.add("blocking", os.get_blocking(ctx._sock.fileno()))
+        seen.add("blocking", os.get_blocking(ctx.transport.fileno()))
         return {"on_message": ctx.send, "on_close": lambda code, reason: seen.add("close", code)}
 
     server = make_server([define_block("/echo", block)])

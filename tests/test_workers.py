@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from gaman_sync.workers import Workers
+from gaman_sync.io.workers import Workers
 
 from .conftest import WAIT
 
@@ -22,12 +22,11 @@ def run_and_wait(workers, task):
 
 
 def idle_threads(workers):
-    with workers._lock:
-        return [w.thread for w in workers._idle]
+    return workers.idle_threads
 
 
 def test_a_finished_thread_serves_the_next_task():
-    workers = Workers("test-worker", lambda t: None, idle_timeout=WAIT)
+    workers = Workers("test-worker", idle_timeout=WAIT)
     seen = []
     run_and_wait(workers, lambda: seen.append(threading.get_ident()))
     # The first thread parks itself just after the task; nothing announces
@@ -42,7 +41,7 @@ def test_a_finished_thread_serves_the_next_task():
 
 
 def test_idle_threads_end_after_the_idle_timeout():
-    workers = Workers("test-worker", lambda t: None, idle_timeout=0.1)
+    workers = Workers("test-worker", idle_timeout=0.1)
     threads = []
     run_and_wait(workers, lambda: threads.append(threading.current_thread()))
     threads[0].join(WAIT)
@@ -51,7 +50,7 @@ def test_idle_threads_end_after_the_idle_timeout():
 
 
 def test_at_most_max_idle_threads_wait_and_stop_ends_them():
-    workers = Workers("test-worker", lambda t: None, max_idle=2, idle_timeout=WAIT)
+    workers = Workers("test-worker", max_idle=2, idle_timeout=WAIT)
     started = []
     release = threading.Event()
     barrier = threading.Barrier(5, timeout=WAIT)

@@ -3,20 +3,21 @@
 Writes are non-blocking: a frame goes straight to the socket whenever the
 kernel takes it, which is nearly always. Only what the kernel refused waits
 in the connection's buffer, and this thread sends it as the socket becomes
-writable. So no sender ever blocks on a peer that is not reading, and the
-server needs one writer thread in all instead of one per connection.
+writable. So no sender ever blocks on a peer that is not reading, and a
+whole runtime needs one writer thread instead of one per connection.
 """
 
 from __future__ import annotations
 
 import logging
 import selectors
-import socket
 import threading
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Optional, Tuple
 
-__all__ = ["Flusher"]
+from .waker import Waker
+
+__all__ = ["Flusher", "FlushCallback"]
 
 logger = logging.getLogger("gaman_sync")
 
@@ -25,16 +26,19 @@ FlushCallback = Callable[[], bool]
 
 
 class Flusher:
-    """Waits for writability of the sockets it watches and calls their flush."""
+    """Waits for writability of what it watches and calls each one's flush.
+
+    What it watches is anything a selector takes: a socket, or a transport
+    with ``fileno()``.
+    """
 
     def __init__(self, name: str = "gaman_sync-writer") -> None:
         self._name = name
         self._lock = threading.Lock()
-        self._todo: Deque[Tuple[bool, socket.socket, Optional[FlushCallback]]] = deque()
+        self._todo: Deque[Tuple[bool, Any, Optional[FlushCallback]]] = deque()
         self._thread: Optional[threading.Thread] = None
         self._selector: Optional[selectors.BaseSelector] = None
-        self._wake_r: Optional[socket.socket] = None
-        self._wake_w: Optional[socket.socket] = None
+        self._waker: Optional[Waker] = None
         self._stopped = False
 
     @property
@@ -42,15 +46,15 @@ class Flusher:
         """The thread, once started."""
         return self._thread
 
-    def watch(self, sock: socket.socket, flush: FlushCallback) -> None:
-        """Call ``flush()`` each time ``sock`` can take more, until it returns True."""
-        self._submit(True, sock, flush)
+    def watch(self, target: Any, flush: FlushCallback) -> None:
+        """Call ``flush()`` each time ``target`` can take more, until it returns True."""
+        self._submit(True, target, flush)
 
-    def forget(self, sock: socket.socket) -> None:
-        """Stop watching ``sock`` (call before closing it)."""
-        self._submit(False, sock, None)
+    def forget(self, target: Any) -> None:
+        """Stop watching ``target`` (call before closing it)."""
+        self._submit(False, target, None)
 
-    def _submit(self, add: bool, sock: socket.socket, flush: Optional[FlushCallback]) -> None:
+    def _submit(self, add: bool, target: Any, flush: Optional[FlushCallback]) -> None:
         with self._lock:
             if self._stopped:
                 return
@@ -58,51 +62,40 @@ class Flusher:
                 if not add:
                     return
                 self._start()
-            self._todo.append((add, sock, flush))
-        self._wake()
+            self._todo.append((add, target, flush))
+            waker = self._waker
+        assert waker is not None
+        waker.wake()
 
     def _start(self) -> None:
         self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._waker = Waker(self._selector)
         self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
         self._thread.start()
-
-    def _wake(self) -> None:
-        try:
-            self._wake_w.send(b"\0")  # type: ignore[union-attr]
-        except (BlockingIOError, OSError):
-            pass  # already awake, or stopping
 
     def stop(self, timeout: Optional[float] = None) -> None:
         """End the thread; what is still unsent is dropped (its sockets are closing)."""
         with self._lock:
             self._stopped = True
-            thread = self._thread
-        if thread is None:
+            thread, waker = self._thread, self._waker
+        if thread is None or waker is None:
             return
-        self._wake()
+        waker.wake()
         if thread is not threading.current_thread():
             thread.join(timeout)
 
     def _run(self) -> None:
-        selector = self._selector
-        assert selector is not None
-        watched: Dict[socket.socket, FlushCallback] = {}
+        selector, waker = self._selector, self._waker
+        assert selector is not None and waker is not None
+        watched: Dict[Any, FlushCallback] = {}
         try:
             while not self._stopped:
                 for key, _ in selector.select():
-                    sock = key.fileobj
-                    if sock is self._wake_r:
-                        try:
-                            while self._wake_r.recv(4096):  # type: ignore[union-attr]
-                                pass
-                        except (BlockingIOError, OSError):
-                            pass
+                    if waker.owns(key):
+                        waker.drain()
                         continue
-                    flush = watched.get(sock)  # type: ignore[call-overload]
+                    target = key.fileobj
+                    flush = watched.get(target)
                     done = True
                     if flush is not None:
                         try:
@@ -110,36 +103,35 @@ class Flusher:
                         except Exception:
                             logger.exception("error while flushing a connection")
                     if done:
-                        watched.pop(sock, None)  # type: ignore[call-overload]
-                        _unregister(selector, sock)
+                        watched.pop(target, None)
+                        _unregister(selector, target)
                 # Applied in the order submitted, so a socket's forget always
                 # comes before a new socket that reuses its descriptor.
                 while True:
                     with self._lock:
                         if not self._todo:
                             break
-                        add, sock, flush = self._todo.popleft()
+                        add, target, flush = self._todo.popleft()
                     if add:
                         assert flush is not None
-                        if sock in watched:
-                            watched[sock] = flush
+                        if target in watched:
+                            watched[target] = flush
                             continue
                         try:
-                            selector.register(sock, selectors.EVENT_WRITE)
+                            selector.register(target, selectors.EVENT_WRITE)
                         except (ValueError, OSError, KeyError):
                             continue  # already closed
-                        watched[sock] = flush
-                    elif watched.pop(sock, None) is not None:
-                        _unregister(selector, sock)
+                        watched[target] = flush
+                    elif watched.pop(target, None) is not None:
+                        _unregister(selector, target)
         finally:
-            selector.close()
-            self._wake_r.close()  # type: ignore[union-attr]
             with self._lock:
-                self._wake_w.close()  # type: ignore[union-attr]
+                waker.close()
+            selector.close()
 
 
-def _unregister(selector: selectors.BaseSelector, sock: Any) -> None:
+def _unregister(selector: selectors.BaseSelector, target: Any) -> None:
     try:
-        selector.unregister(sock)
+        selector.unregister(target)
     except (KeyError, ValueError, OSError):
         pass

@@ -11,6 +11,7 @@ threads, and a server that went quiet keeps none.
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Callable, List, Optional
 
 __all__ = ["Workers"]
@@ -31,10 +32,9 @@ class _Worker:
 class Workers:
     """Runs each task in a thread of its own, reusing threads that are idle."""
 
-    def __init__(self, name: str, mark: Callable[[threading.Thread], None],
-                 max_idle: int = 16, idle_timeout: float = 1.0) -> None:
+    def __init__(self, name: str, max_idle: int = 16, idle_timeout: float = 1.0) -> None:
         self._name = name
-        self._mark = mark  # lets the server recognise its own threads
+        self._threads: "weakref.WeakSet[threading.Thread]" = weakref.WeakSet()
         self._max_idle = max_idle
         self._idle_timeout = idle_timeout
         self._lock = threading.Lock()
@@ -51,8 +51,19 @@ class Workers:
             worker.wake.release()
             return
         thread = threading.Thread(target=self._loop, args=(task,), name=self._name, daemon=True)
-        self._mark(thread)
+        with self._lock:
+            self._threads.add(thread)
         thread.start()
+
+    def owns(self, thread: threading.Thread) -> bool:
+        """Is ``thread`` one of these workers?"""
+        return thread in self._threads
+
+    @property
+    def idle_threads(self) -> List[threading.Thread]:
+        """The threads waiting for a task (a snapshot)."""
+        with self._lock:
+            return [worker.thread for worker in self._idle]
 
     def stop(self, timeout: Optional[float] = None) -> None:
         """End the idle threads, waiting up to ``timeout`` for them; a busy

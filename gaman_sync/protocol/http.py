@@ -1,11 +1,11 @@
-"""The HTTP request that opened a WebSocket connection."""
+"""The HTTP messages of the opening handshake: headers, request and response."""
 
 from __future__ import annotations
 
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 from urllib.parse import parse_qsl, unquote
 
-__all__ = ["Headers", "Request", "format_address"]
+__all__ = ["Headers", "Request", "Response", "header_tokens", "format_address"]
 
 
 class Headers(Mapping[str, str]):
@@ -95,13 +95,33 @@ class Request:
     @property
     def subprotocols(self) -> List[str]:
         """The subprotocols the client offered, in its order of preference."""
-        return _tokens(self.headers.get_all("sec-websocket-protocol"))
+        return header_tokens(self.headers.get_all("sec-websocket-protocol"))
 
     def __repr__(self) -> str:
         return f"<Request {self.method} {self.target} from {self.remote_address}>"
 
 
-def _tokens(values: Sequence[str]) -> List[str]:
+class Response:
+    """The HTTP response to a client's opening handshake (``conn.response``)."""
+
+    __slots__ = ("status", "reason", "headers", "body")
+
+    def __init__(self, status: int, reason: str, headers: Headers, body: bytes = b"") -> None:
+        self.status = status
+        """The status code: 101 when the connection opened."""
+        self.reason = reason
+        """The reason phrase."""
+        self.headers = headers
+        """The response headers (case-insensitive)."""
+        self.body = body
+        """The first bytes of the body of a response that refused the upgrade."""
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status} {self.reason}>"
+
+
+def header_tokens(values: Sequence[str]) -> List[str]:
+    """The comma-separated tokens of a header's values, stripped."""
     return [t.strip() for v in values for t in v.split(",") if t.strip()]
 
 

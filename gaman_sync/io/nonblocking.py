@@ -18,7 +18,9 @@ import socket
 import sys
 from typing import Any, Tuple, Union
 
-__all__ = ["DONTWAIT", "FLAGS_SUFFICE", "send", "recv", "close", "accept", "make_blocking"]
+__all__ = ["DONTWAIT", "FLAGS_SUFFICE", "send", "recv", "close", "accept", "make_blocking",
+           "recv_gated", "use_speedups", "speedups_status", "send_plain",
+           "recv_plain", "close_plain", "accept_plain"]
 
 # Non-blocking, and no SIGPIPE (which would kill a program that restored its
 # default action) when the peer is gone.
@@ -29,38 +31,41 @@ DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0) | getattr(socket, "MSG_NOSIGNAL", 
 FLAGS_SUFFICE = hasattr(socket, "MSG_DONTWAIT")
 # Linux's accept4() gives a blocking socket whatever the listener's mode;
 # BSD's accept() (macOS) passes the listener's O_NONBLOCK on.
-_ACCEPT_GIVES_BLOCKING = sys.platform.startswith("linux")
+ACCEPT_GIVES_BLOCKING = sys.platform.startswith("linux")
 
 Data = Union[bytes, bytearray, memoryview]
 
+_missing = ""  # why the C helper is not in use, for the log line at start
 try:
-    from ._speedups import close as _c_close
-    from ._speedups import recv as _c_recv
-    from ._speedups import send as _c_send
-except ImportError:  # not built, or not POSIX
-    _c_send = _c_recv = _c_close = None  # type: ignore[assignment]
+    from .._speedups import close as _c_close
+    from .._speedups import recv as _c_recv
+    from .._speedups import recv_gated as _c_recv_gated
+    from .._speedups import send as _c_send
+except ImportError as exc:  # not built, or not POSIX
+    _c_send = _c_recv = _c_close = _c_recv_gated = None  # type: ignore[assignment]
+    _missing = str(exc)
 try:
-    from ._speedups import accept as _c_accept
+    from .._speedups import accept as _c_accept
 except ImportError:  # not built, or not Linux
     _c_accept = None  # type: ignore[assignment]
 
 
-def _send(sock: socket.socket, data: Data) -> int:
+def send_plain(sock: socket.socket, data: Data) -> int:
     """Send what the kernel takes now; the count of bytes sent."""
     return sock.send(data, DONTWAIT)
 
 
-def _recv(sock: socket.socket, size: int) -> bytes:
+def recv_plain(sock: socket.socket, size: int) -> bytes:
     """Up to ``size`` bytes that have arrived (``b""`` at end of stream)."""
     return sock.recv(size, DONTWAIT)
 
 
-def _close(sock: socket.socket) -> None:
+def close_plain(sock: socket.socket) -> None:
     """``sock.close()``."""
     sock.close()
 
 
-def _accept(listener: socket.socket) -> Tuple[socket.socket, Any]:
+def accept_plain(listener: socket.socket) -> Tuple[socket.socket, Any]:
     """``listener.accept()``, as ``accept`` is where the C helper is not built."""
     return listener.accept()
 
@@ -94,28 +99,62 @@ def make_blocking(sock: socket.socket) -> None:
     unless it already is: a program-wide ``socket.setdefaulttimeout()``, or
     a non-blocking listener's mode passed on by BSD's ``accept()``, would
     otherwise make an idle connection's read fail."""
-    if sock.gettimeout() is not None or not _ACCEPT_GIVES_BLOCKING or not FLAGS_SUFFICE:
+    if sock.gettimeout() is not None or not ACCEPT_GIVES_BLOCKING or not FLAGS_SUFFICE:
         sock.setblocking(True)
 
 
-if _c_send is not None and _c_recv is not None and _c_close is not None:
-    def send(sock: socket.socket, data: Data) -> int:
-        """Send what the kernel takes now; the count of bytes sent."""
-        return _c_send(sock.fileno(), data, DONTWAIT)
+def _c_send_socket(sock: socket.socket, data: Data) -> int:
+    """Send what the kernel takes now; the count of bytes sent."""
+    return _c_send(sock.fileno(), data, DONTWAIT)
 
-    def recv(sock: socket.socket, size: int) -> bytes:
-        """Up to ``size`` bytes that have arrived (``b""`` at end of stream)."""
-        return _c_recv(sock.fileno(), size, DONTWAIT)
 
-    def close(sock: socket.socket) -> None:
-        """``sock.close()`` (a socket without SO_LINGER never waits to close)."""
-        fd = sock.detach()
-        if fd >= 0:
-            _c_close(fd)
-else:
-    send = _send
-    recv = _recv
-    close = _close
+def _c_recv_socket(sock: socket.socket, size: int) -> bytes:
+    """Up to ``size`` bytes that have arrived (``b""`` at end of stream)."""
+    return _c_recv(sock.fileno(), size, DONTWAIT)
 
-# From a non-blocking listener: (socket, address), as ``listener.accept()``.
-accept = _c_accept_socket if _c_accept is not None else _accept
+
+def _c_close_socket(sock: socket.socket) -> None:
+    """``sock.close()`` (a socket without SO_LINGER never waits to close)."""
+    fd = sock.detach()
+    if fd >= 0:
+        _c_close(fd)
+
+
+# The calls in use: rebound together by use_speedups().
+send = send_plain
+recv = recv_plain
+close = close_plain
+accept = accept_plain
+recv_gated: Any = None
+"""``recv_gated(fd, size)``: a blocking recv that queues for the GIL behind
+the C helper's gate (see ``_speedups.c``), or None where it is not built."""
+_enabled = False
+
+
+def use_speedups(enabled: bool = True) -> bool:
+    """Make these calls go through the C helper (the default where it is
+    built) or through the socket's own methods. Affects sockets used from then
+    on; returns whether the C helper is now in use."""
+    global send, recv, close, accept, recv_gated, _enabled
+    on = bool(enabled) and _c_send is not None
+    send, recv, close = (_c_send_socket, _c_recv_socket, _c_close_socket) if on \
+        else (send_plain, recv_plain, close_plain)
+    accept = _c_accept_socket if on and _c_accept is not None else accept_plain
+    recv_gated = _c_recv_gated if on else None
+    _enabled = on
+    return on
+
+
+def speedups_status() -> Tuple[bool, str]:
+    """(in use, why not): whether the C helper makes the socket calls and
+    unmasks, and if not, the reason."""
+    if _enabled:
+        return True, ""
+    if _c_send is None:
+        return False, (f"it is not built ({_missing}); reinstall with a C compiler "
+                       "(pip install --force-reinstall --no-deps .), or run from outside "
+                       "the source tree so that the installed package is imported")
+    return False, "turned off with use_speedups(False)"
+
+
+use_speedups(True)

@@ -8,102 +8,40 @@ buffers, and each open connection has its own. Nothing else.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import signal
 import socket
 import threading
 import time
-from typing import (Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union)
+import weakref
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+from ..connection import interrupted_connection_code
+from ..io import PlainTransport, Runtime
+from ..io.nonblocking import speedups_status
+from ..options import Options, check_port
+from ..protocol import Data, Protocol, Request, Side
+from ..protocol.http import format_address
 from .acceptor import Acceptor
-from .block import Block
-from .connection import Connection, interrupted_connection_code
-from .flusher import Flusher
-from .options import Options
-from .protocol import encode_frame
-from .request import Request, format_address
-from .timers import Timers
-from .workers import Workers
+from .blocks import BlockServer, Endpoint, Exclude, broadcast
+from .connection import ServerConnection
 
-__all__ = ["WebSocketServer", "BlockServer", "serve"]
+__all__ = ["WebSocketServer", "serve"]
 
 logger = logging.getLogger("gaman_sync")
 
-Message = Union[str, bytes, bytearray, memoryview]
-Exclude = Union[Connection, Iterable[Connection], None]
+# Started servers that were not shut down: the exit hook shuts them down.
+_running: "weakref.WeakSet[WebSocketServer]" = weakref.WeakSet()
 
 
-class BlockServer:
-    """One block's view of the server: ``ctx.server`` in a handler.
-
-    As in GamanJS, where each block has its own ``ws`` server, ``clients``
-    and ``broadcast`` cover this block's connections only. ``root`` is the
-    whole :class:`WebSocketServer` (every block, ``shutdown``, ``port``).
-    """
-
-    def __init__(self, root: "WebSocketServer", block: Block) -> None:
-        self.root = root
-        """The :class:`WebSocketServer` that runs this block."""
-        self.block = block
-        """The :class:`~gaman_sync.Block` served."""
-        # Joined and left without a lock: a dict's item assignment, pop()
-        # and list() are each atomic, and a shared lock here is what
-        # thousands of connections ending at once would queue on (each
-        # holder waiting its turn for the GIL among them).
-        self._clients: Dict[Connection, None] = {}
-
-    @property
-    def path(self) -> str:
-        """The block's path."""
-        return self.block.path
-
-    @property
-    def clients(self) -> List[Connection]:
-        """The open connections of this block, in the order they opened (a snapshot)."""
-        return list(self._clients)
-
-    @property
-    def port(self) -> int:
-        """The port the server listens on."""
-        return self.root.port
-
-    @property
-    def address(self) -> Tuple[Any, ...]:
-        """The address the server listens on."""
-        return self.root.address
-
-    def broadcast(self, message: Message, exclude: Exclude = None) -> int:
-        """Send ``message`` to every open client of this block; never blocks.
-
-        The frame is encoded once and queued for each client. A client whose
-        outgoing buffer is already over ``write_limit`` is closed with 1008
-        instead of holding up the others. Returns the number of clients the
-        message was queued for.
-        """
-        return _broadcast(list(self._clients), message, exclude)
-
-    def _attach(self, conn: Connection) -> None:
-        self._clients[conn] = None
-
-    def _detach(self, conn: Connection) -> None:
-        self._clients.pop(conn, None)
-
-    def __repr__(self) -> str:
-        return f"<BlockServer {self.path} with {len(self._clients)} clients>"
-
-
-def _broadcast(clients: Sequence[Connection], message: Message, exclude: Exclude) -> int:
-    header, payload = encode_frame(message)
-    frame = header + payload
-    if isinstance(exclude, Connection):
-        exclude = (exclude,)
-    skip = set(exclude) if exclude is not None else ()
-    sent = 0
-    for conn in clients:
-        if conn not in skip and conn._broadcast_frame(frame):
-            sent += 1
-    return sent
+@atexit.register
+def _shutdown_at_exit() -> None:
+    """A program that ends without ``shutdown()`` still closes its clients with
+    1001 instead of leaving them with a dropped connection (1006)."""
+    for server in list(_running):
+        server.shutdown()
 
 
 class WebSocketServer:
@@ -118,12 +56,22 @@ class WebSocketServer:
 
     It is also a context manager (``start`` on entry, ``shutdown`` on exit).
     Options are keyword arguments, as listed in :class:`~gaman_sync.Options`.
+    A server started and never shut down is shut down when the program exits.
     """
 
-    def __init__(self, blocks: Union[Block, Sequence[Block]], host: str = "127.0.0.1",
+    def __init__(self, blocks: Union[Endpoint, Sequence[Endpoint]], host: str = "127.0.0.1",
                  port: int = 8000, *, backlog: int = 1024, **options: Any) -> None:
-        if isinstance(blocks, Block):
+        if isinstance(blocks, Endpoint):
             blocks = [blocks]
+        elif isinstance(blocks, (str, bytes)) or not hasattr(blocks, "__iter__"):
+            raise TypeError(f"blocks must be a Block (from define_block) or a list of "
+                            f"Blocks, not {type(blocks).__name__}")
+        if not isinstance(host, str):
+            raise TypeError(f"host must be a str (an address or a name), not "
+                            f"{type(host).__name__}")
+        check_port(port)
+        if not isinstance(backlog, int) or isinstance(backlog, bool) or backlog < 0:
+            raise ValueError(f"backlog must be an int of 0 or more, not {backlog!r}")
         self.options = Options.from_kwargs(options)
         """The :class:`~gaman_sync.Options` every connection uses."""
         self.host = host
@@ -132,17 +80,16 @@ class WebSocketServer:
         self._lock = threading.RLock()
         self._routes: Dict[str, BlockServer] = {}
         for block in blocks:
-            if not isinstance(block, Block):
+            if not isinstance(block, Endpoint):
                 raise TypeError(f"expected a Block (from define_block), not {block!r}")
             if block.path in self._routes:
                 raise ValueError(f"two blocks share the path {block.path!r}")
             self._routes[block.path] = BlockServer(self, block)
         if not self._routes:
             raise ValueError("a server needs at least one block")
-        self.timers = Timers()
-        self.flusher = Flusher()
-        self._workers = Workers("gaman_sync-conn", self._mark)
-        self._connections: Dict[Connection, None] = {}
+        self.runtime = Runtime("gaman_sync")
+        """The shared threads: timers, the writer, the connection threads."""
+        self._connections: Dict[ServerConnection, None] = {}
         self._ids = itertools.count(1)
         self._listener: Optional[socket.socket] = None
         self._address: Optional[Tuple[Any, ...]] = None
@@ -154,6 +101,7 @@ class WebSocketServer:
         self._done = threading.Event()
         self._shutdown_started = False
         self._released = threading.Condition(self._lock)
+        self._speedups = False  # the C helper in use, as found at start()
 
     # -- Public API -----------------------------------------------------
 
@@ -163,9 +111,9 @@ class WebSocketServer:
         return list(self._routes.values())
 
     @property
-    def clients(self) -> List[Connection]:
+    def clients(self) -> List[ServerConnection]:
         """The open connections of every block (a snapshot)."""
-        return [c for view in self._routes.values() for c in list(view._clients)]
+        return [c for view in self._routes.values() for c in view.clients]
 
     @property
     def address(self) -> Tuple[Any, ...]:
@@ -179,10 +127,22 @@ class WebSocketServer:
         """The port the server listens on: the one picked when 0 was asked."""
         return self.address[1]
 
-    def broadcast(self, message: Message, exclude: Exclude = None) -> int:
+    @property
+    def listening(self) -> bool:
+        """True from :meth:`start` until :meth:`shutdown`."""
+        return self._listener is not None and not self._closing
+
+    def url(self, path: str = "/") -> str:
+        """``ws://host:port/path`` for this server (once started)."""
+        host = self.address[0]
+        if ":" in host:
+            host = f"[{host}]"
+        return f"ws://{host}:{self.port}{path}"
+
+    def broadcast(self, message: Data, exclude: Exclude = None) -> int:
         """Send ``message`` to the open clients of every block (see
         :meth:`BlockServer.broadcast`)."""
-        return _broadcast(self.clients, message, exclude)
+        return broadcast(self.clients, message, exclude)
 
     def start(self) -> "WebSocketServer":
         """Listen and accept in a background thread; return once listening."""
@@ -196,9 +156,14 @@ class WebSocketServer:
             self._listener.setblocking(False)
             self._acceptor = Acceptor(self._listener, self.options, self._route, self._opened,
                                       self._capacity)
-            self._accept_thread = self._thread(self._acceptor.run, "gaman_sync-accept")
+            self._accept_thread = threading.Thread(target=self._acceptor.run,
+                                                   name="gaman_sync-accept", daemon=True)
             self._accept_thread.start()
-        logger.info("listening on %s", format_address(self.address))
+            _running.add(self)
+            in_use, why_not = speedups_status()
+            self._speedups = in_use
+        logger.info("listening on %s (C helper %s)", format_address(self.address),
+                    "in use" if in_use else f"not in use: {why_not}")
         return self
 
     def serve_forever(self) -> None:
@@ -213,22 +178,35 @@ class WebSocketServer:
             self.shutdown()
 
     def request_shutdown(self) -> None:
-        """Ask :meth:`serve_forever` to shut down and return. Safe in a signal handler."""
+        """Ask for a shutdown: :meth:`serve_forever` shuts down and returns,
+        and :meth:`wait_for_shutdown_request` returns True. Safe in a signal
+        handler (it only sets a flag)."""
         self._stop_requested.set()
 
-    def shutdown(self, timeout: float = 5.0) -> None:
+    def wait_for_shutdown_request(self, timeout: Optional[float] = None) -> bool:
+        """Wait up to ``timeout`` seconds (``None``: forever) for
+        :meth:`request_shutdown`; True once it was called. The loop of a
+        program that has its own work to do between checks."""
+        return self._stop_requested.wait(timeout)
+
+    def shutdown(self, timeout: Optional[float] = None) -> None:
         """Stop accepting, close every connection with 1001, and end every thread.
 
-        Clients get ``timeout`` seconds (less a short grace) to answer the
-        close; the connections that have not are then dropped. Every
-        ``on_close`` runs once. Called from one of the server's own threads
-        (a callback, say), it starts the shutdown in a new thread and returns
-        at once, since it cannot wait for the thread it runs in. So does a
-        signal handler that interrupted this server's code (a ``send`` or a
-        ``broadcast`` in the main thread): that code may hold a connection's
-        lock, which the shutdown needs.
+        Clients get ``timeout`` seconds (default: the ``shutdown_timeout``
+        option; less a short grace) to answer the close; the connections that
+        have not are then dropped, and every ``on_close`` that has started
+        runs once. A callback that does not return within the timeout is left
+        behind in its thread, and its ``on_close`` runs when it returns.
+        Called from one of the server's own threads (a callback, say), it
+        starts the shutdown in a new thread and returns at once, since it
+        cannot wait for the thread it runs in. So does a signal handler that
+        interrupted this server's code (a ``send`` or a ``broadcast`` in the
+        main thread): that code may hold a connection's lock, which the
+        shutdown needs.
         """
-        if getattr(threading.current_thread(), "_gaman_server", None) is self \
+        if timeout is None:
+            timeout = self.options.shutdown_timeout
+        if self.runtime.owns() or threading.current_thread() is self._accept_thread \
                 or interrupted_connection_code():
             with self._lock:
                 if self._shutdown_started:
@@ -240,6 +218,7 @@ class WebSocketServer:
             started, self._shutdown_started = self._shutdown_started, True
             if not started:
                 self._shutdown_deadline = time.monotonic() + timeout
+            _running.discard(self)
         self._stop_requested.set()  # wakes serve_forever
         if started:
             # The first call's timeout bounds the shutdown, not this one's.
@@ -260,60 +239,58 @@ class WebSocketServer:
         where = format_address(self._address) if self._address is not None else "not started"
         return f"<WebSocketServer {where}, {len(self._connections)} connections>"
 
-    # -- What the acceptor and connections call back (the host interface) -----
+    # -- What the acceptor calls ---------------------------------------------
 
     def _route(self, request: Request) -> Optional[BlockServer]:
         """The block that serves ``request``'s path, or None (404)."""
         return self._routes.get(request.path)
 
-    def _release(self, conn: Connection) -> None:
+    def _capacity(self) -> int:
+        """How many more connections may open (the acceptor counts its own)."""
+        return self.options.max_connections - len(self._connections)
+
+    def _opened(self, sock: socket.socket, request: Request, view: BlockServer,
+                subprotocol: Optional[str], trailing_data: bytes, response: bytes) -> None:
+        """A handshake was accepted (in the accept thread): give the connection
+        its thread, which sends the 101 ``response`` first."""
+        options = self.options
+        with self._lock:
+            if self._closing:
+                sock.close()
+                return
+            conn = ServerConnection(
+                PlainTransport(sock),
+                Protocol(Side.SERVER, options.max_message_size, trailing_data,
+                         unmask_in_c=self._speedups),
+                self.runtime, options, next(self._ids), request, view, subprotocol, response)
+            self._connections[conn] = None
+
+        def serve() -> None:
+            thread = threading.current_thread()
+            thread.name = f"gaman_sync-conn-{conn.id}"
+            try:
+                conn.run()
+            finally:
+                self._forget(conn)
+
+        try:
+            self.runtime.workers.run(serve)
+        except RuntimeError as exc:  # "can't start new thread"
+            logger.warning("could not start a thread for a connection: %s", exc)
+            self._forget(conn)
+            sock.close()
+
+    def _forget(self, conn: ServerConnection) -> None:
         """A connection's thread is done with it."""
         # Without the lock, as for a block's clients; only a shutdown waits
         # for this, and it sets _closing before it looks.
+        conn.server.discard(conn)
         self._connections.pop(conn, None)
         if self._closing:
             with self._lock:
                 self._released.notify_all()
 
     # -- Internals -----------------------------------------------------
-
-    def _thread(self, target: Any, name: str) -> threading.Thread:
-        thread = threading.Thread(target=target, name=name, daemon=True)
-        self._mark(thread)
-        return thread
-
-    def _mark(self, thread: threading.Thread) -> None:
-        """Make ``thread`` recognisable as this server's (see :meth:`shutdown`)."""
-        thread._gaman_server = self  # type: ignore[attr-defined]
-
-    def _capacity(self) -> int:
-        """How many more connections may open (the acceptor counts its own)."""
-        return self.options.max_connections - len(self._connections)
-
-    def _opened(self, sock: socket.socket, address: Any, request: Request,
-                view: BlockServer, subprotocol: Optional[str], trailing_data: bytes,
-                response: bytes) -> None:
-        """A handshake was accepted (in the accept thread): give it its thread,
-        which sends the 101 ``response``."""
-        with self._lock:
-            if self._closing:
-                sock.close()
-                return
-            conn = Connection(sock, address, self, next(self._ids), request, view,
-                              subprotocol, trailing_data)
-            self._connections[conn] = None
-        def serve() -> None:
-            thread = threading.current_thread()
-            thread.name = f"gaman_sync-conn-{conn.id}"
-            conn.thread = thread
-            conn.run(response)
-
-        try:
-            self._workers.run(serve)
-        except RuntimeError as exc:  # "can't start new thread"
-            logger.warning("could not start a thread for a connection: %s", exc)
-            self._release(conn)
-            sock.close()
 
     def _shutdown(self, timeout: float) -> None:
         # The waits end a little before the timeout, leaving time for the
@@ -334,7 +311,7 @@ class WebSocketServer:
         with self._lock:
             conns = list(self._connections)
         for conn in conns:
-            conn._close(1001, "server shutting down", lock_timeout=min(0.1, left()))
+            conn.close_nowait(1001, "server shutting down", lock_timeout=min(0.1, left()))
         # Keep a short grace at the end to drop the connections that did not
         # answer, and still return within the timeout.
         if not self._wait_released(deadline - min(1.0, timeout / 4)):
@@ -343,20 +320,21 @@ class WebSocketServer:
             logger.info("shutdown: dropping %d connection(s) that did not close in time",
                         len(remaining))
             for conn in remaining:
-                conn._abort()
+                conn.abort()
             if not self._wait_released(deadline):
                 with self._lock:
                     stuck = len(self._connections)
                 logger.warning("shutdown: %d connection thread(s) still running "
                                "(a callback that does not return?)", stuck)
-        self._workers.stop(left())
+        runtime = self.runtime
+        runtime.workers.stop(left())
         for conn in conns:
             if conn.thread is not None and conn.thread is not threading.current_thread():
                 conn.thread.join(left())
         # Idle, they end at once: a short floor past a spent deadline keeps
         # them from being left behind.
-        self.timers.stop(max(left(), 0.2))
-        self.flusher.stop(max(left(), 0.2))
+        runtime.timers.stop(max(left(), 0.2))
+        runtime.flusher.stop(max(left(), 0.2))
         logger.info("shut down")
 
     def _wait_released(self, deadline: float) -> bool:
@@ -377,14 +355,28 @@ def _listen(host: str, port: int, backlog: int) -> socket.socket:
     return socket.create_server(address, family=family, backlog=backlog)
 
 
-def serve(blocks: Union[Block, Sequence[Block]], host: str = "127.0.0.1", port: int = 8000,
-          **options: Any) -> None:
-    """Run a server until Ctrl-C or SIGTERM, then shut it down cleanly."""
+def serve(blocks: Union[Endpoint, Sequence[Endpoint]], host: str = "127.0.0.1",
+          port: int = 8000, **options: Any) -> None:
+    """Run a server until Ctrl-C or SIGTERM, then shut it down cleanly.
+
+    The first signal starts the shutdown (within the ``shutdown_timeout``
+    option); a second Ctrl-C or SIGTERM during it ends the program at once,
+    leaving the connections still open dropped.
+    """
     server = WebSocketServer(blocks, host=host, port=port, **options)
     previous = {}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if server.wait_for_shutdown_request(0):
+            # Restore the previous handlers first: a third signal is theirs.
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name} during shutdown")
+        server.request_shutdown()
+
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, lambda *_: server.request_shutdown())
+            previous[sig] = signal.signal(sig, on_signal)
     try:
         server.serve_forever()
     finally:

@@ -1,4 +1,10 @@
-"""The callbacks a block's handler returns for each connection."""
+"""The callbacks of one connection: the events the engine dispatches.
+
+Both ends dispatch the same events (a server's block handler returns them, a
+client passes them to ``connect``), so they are defined here, with the
+connection engine, and the GamanJS contract above reuses them under the same
+names.
+"""
 
 from __future__ import annotations
 

@@ -35,11 +35,12 @@ import socket
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from . import nonblocking
-from .handshake import (HandshakeError, RequestParser, accept_response, check_upgrade,
-                        error_response, to_request)
-from .options import Options
-from .request import Request, format_address
+from ..io import nonblocking
+from ..io.waker import Waker
+from ..options import Options
+from ..protocol.handshake import (HandshakeError, RequestParser, accept_response, check_upgrade,
+                                  error_response, to_request)
+from ..protocol.http import Request, format_address
 
 __all__ = ["Acceptor"]
 
@@ -51,10 +52,10 @@ _LINGER = 2.0  # seconds a refused client has to close before we do
 _MAX_BACKOFF = 0.1
 
 Route = Callable[[Request], Any]
-Opened = Callable[[socket.socket, Any, Request, Any, Optional[str], bytes, bytes], None]
+Opened = Callable[[socket.socket, Request, Any, Optional[str], bytes, bytes], None]
 
 
-class _Pending:
+class _Handshake:
     """A socket between ``accept()`` and the end of its handshake."""
 
     __slots__ = ("sock", "address", "parser", "deadline", "lingering", "ours")
@@ -80,28 +81,22 @@ class Acceptor:
         self._opened = opened
         self._capacity = capacity  # how many more connections may be opened now
         self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._pending: Dict[socket.socket, _Pending] = {}
-        self._handshaking = 0  # pending sockets that count against max_connections
-        self._deadlines: List[Tuple[float, int, _Pending]] = []
+        self._waker = Waker(self._selector)
+        self._handshakes: Dict[socket.socket, _Handshake] = {}
+        self._handshaking = 0  # handshaking sockets that count against max_connections
+        self._deadlines: List[Tuple[float, int, _Handshake]] = []
         self._seq = itertools.count()
         self._stopping = False
 
     def stop(self) -> None:
-        """Make :meth:`run` return soon; it closes every pending socket."""
+        """Make :meth:`run` return soon; it closes every socket still in its handshake."""
         self._stopping = True
-        try:
-            self._wake_w.send(b"\0")
-        except OSError:
-            pass
+        self._waker.wake()
 
     def run(self) -> None:
         """The accept loop; returns after :meth:`stop`."""
         selector = self._selector
         selector.register(self._listener, selectors.EVENT_READ)
-        selector.register(self._wake_r, selectors.EVENT_READ)
         listening = True
         backoff = 0.0
         retry_at = 0.0
@@ -119,8 +114,8 @@ class Acceptor:
                             selector.unregister(self._listener)
                             listening = False
                             retry_at = time.monotonic() + backoff
-                    elif key.fileobj is self._wake_r:
-                        _drain(self._wake_r)
+                    elif self._waker.owns(key):
+                        self._waker.drain()
                     else:
                         self._readable(key.data)
                 if not listening and time.monotonic() >= retry_at and not self._stopping:
@@ -130,17 +125,16 @@ class Acceptor:
         except Exception:
             logger.exception("the accept loop failed")
         finally:
-            for pending in list(self._pending.values()):
-                self._close(pending)
+            for hs in list(self._handshakes.values()):
+                self._close(hs)
+            self._waker.close()
             selector.close()
-            self._wake_r.close()
-            self._wake_w.close()
 
     # -- Accepting ---------------------------------------------------------
 
     def _accept(self, backoff: float) -> float:
         """Accept what is waiting; return the pause before the next try (0: none)."""
-        for _ in range(64):  # then let pending handshakes have a turn
+        for _ in range(64):  # then let handshakes under way have a turn
             try:
                 sock, address = nonblocking.accept(self._listener)
             except BlockingIOError:
@@ -172,56 +166,56 @@ class Acceptor:
         if self._capacity() - self._handshaking <= 0:
             logger.warning("refusing a connection from %s: max_connections (%s) reached",
                            format_address(address), options.max_connections)
-            pending = _Pending(sock, address, None, 0.0)
-            self._refuse(pending, error_response(503, "too many connections, try again "
+            hs = _Handshake(sock, address, None, 0.0)
+            self._refuse(hs, error_response(503, "too many connections, try again "
                                                  "later", [("Retry-After", "1")]))
             return
         timeout = options.handshake_timeout
         deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
-        pending = _Pending(sock, address, RequestParser(options.max_request_size), deadline)
+        hs = _Handshake(sock, address, RequestParser(options.max_request_size), deadline)
         self._handshaking += 1
         try:
-            self._readable(pending)
+            self._readable(hs)
         except BaseException:
-            if pending.ours and sock not in self._pending:
-                self._close(pending)  # not tracked yet: run()'s cleanup would miss it
+            if hs.ours and sock not in self._handshakes:
+                self._close(hs)  # not tracked yet: run()'s cleanup would miss it
             raise
-        if pending.ours and sock not in self._pending:
-            self._track(pending)
+        if hs.ours and sock not in self._handshakes:
+            self._track(hs)
 
-    def _track(self, pending: _Pending) -> None:
-        self._pending[pending.sock] = pending
-        self._selector.register(pending.sock, selectors.EVENT_READ, pending)
-        heapq.heappush(self._deadlines, (pending.deadline, next(self._seq), pending))
+    def _track(self, hs: _Handshake) -> None:
+        self._handshakes[hs.sock] = hs
+        self._selector.register(hs.sock, selectors.EVENT_READ, hs)
+        heapq.heappush(self._deadlines, (hs.deadline, next(self._seq), hs))
 
     # -- Reading requests ----------------------------------------------------
 
-    def _readable(self, pending: _Pending) -> None:
+    def _readable(self, hs: _Handshake) -> None:
         try:
             # The socket stays in blocking mode, which its connection's
             # thread wants: reading without blocking spares two fcntl calls.
-            data = nonblocking.recv(pending.sock, _READ_SIZE)
+            data = nonblocking.recv(hs.sock, _READ_SIZE)
         except BlockingIOError:
             return
         except OSError:
             data = b""
-        if pending.lingering:
+        if hs.lingering:
             if not data:
-                self._close(pending)
+                self._close(hs)
             return
-        assert pending.parser is not None
+        assert hs.parser is not None
         try:
-            request = pending.parser.feed(data)
+            request = hs.parser.feed(data)
         except HandshakeError as exc:
-            self._reject(pending, exc)
+            self._reject(hs, exc)
             return
         except EOFError:
-            self._close(pending)
+            self._close(hs)
             return
         if request is not None:
-            self._handshake(pending, to_request(request, pending.address))
+            self._handshake(hs, to_request(request, hs.address))
 
-    def _handshake(self, pending: _Pending, request: Request) -> None:
+    def _handshake(self, hs: _Handshake, request: Request) -> None:
         try:
             if request.method != "GET":
                 raise HandshakeError(405, "a WebSocket handshake is a GET request",
@@ -231,87 +225,76 @@ class Acceptor:
                 raise HandshakeError(404, f"no WebSocket endpoint at {request.path}")
             key = check_upgrade(request)
         except HandshakeError as exc:
-            self._reject(pending, exc)
+            self._reject(hs, exc)
             return
-        subprotocol = next((p for p in request.subprotocols if p in view.block.subprotocols),
+        subprotocol = next((p for p in request.subprotocols if p in view.endpoint.subprotocols),
                            None)
         response = accept_response(key, subprotocol)
-        assert pending.parser is not None
-        trailing_data = pending.parser.trailing_data
-        self._forget(pending)
-        nonblocking.make_blocking(pending.sock)
+        assert hs.parser is not None
+        trailing_data = hs.parser.trailing_data
+        self._forget(hs)
+        nonblocking.make_blocking(hs.sock)
         # The connection's thread sends the 101, under the connection's lock
         # and after it joined its block's clients: a broadcast can then
         # neither precede the 101 on the wire nor miss a client that has it.
-        self._opened(pending.sock, pending.address, request, view, subprotocol,
-                     trailing_data, response)
+        self._opened(hs.sock, request, view, subprotocol, trailing_data, response)
 
     # -- Refusing and closing -----------------------------------------------
 
-    def _reject(self, pending: _Pending, exc: HandshakeError) -> None:
-        logger.info("refused a handshake from %s with %s: %s", format_address(pending.address),
+    def _reject(self, hs: _Handshake, exc: HandshakeError) -> None:
+        logger.info("refused a handshake from %s with %s: %s", format_address(hs.address),
                     exc.status, exc.message)
-        self._refuse(pending, error_response(exc.status, exc.message, exc.headers))
+        self._refuse(hs, error_response(exc.status, exc.message, exc.headers))
 
-    def _refuse(self, pending: _Pending, response: bytes) -> None:
+    def _refuse(self, hs: _Handshake, response: bytes) -> None:
         try:
-            nonblocking.send(pending.sock, response)
-            pending.sock.shutdown(socket.SHUT_WR)
+            nonblocking.send(hs.sock, response)
+            hs.sock.shutdown(socket.SHUT_WR)
         except OSError:
-            self._close(pending)
+            self._close(hs)
             return
-        if pending.sock not in self._pending:
-            self._track(pending)
-        if pending.parser is not None:
+        if hs.sock not in self._handshakes:
+            self._track(hs)
+        if hs.parser is not None:
             self._handshaking -= 1
-        pending.lingering = True
-        pending.parser = None
-        pending.deadline = time.monotonic() + _LINGER
-        heapq.heappush(self._deadlines, (pending.deadline, next(self._seq), pending))
+        hs.lingering = True
+        hs.parser = None
+        hs.deadline = time.monotonic() + _LINGER
+        heapq.heappush(self._deadlines, (hs.deadline, next(self._seq), hs))
 
     def _expire(self, now: float) -> None:
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= now:
-            deadline, _, pending = heapq.heappop(deadlines)
-            if deadline != pending.deadline or pending.sock not in self._pending:
+            deadline, _, hs = heapq.heappop(deadlines)
+            if deadline != hs.deadline or hs.sock not in self._handshakes:
                 continue  # rescheduled or already gone
-            if not pending.lingering:
+            if not hs.lingering:
                 logger.info("no complete handshake from %s in %s s; closing",
-                            format_address(pending.address), self._options.handshake_timeout)
-            self._close(pending)
+                            format_address(hs.address), self._options.handshake_timeout)
+            self._close(hs)
 
     def _next_timeout(self, now: float) -> Optional[float]:
         deadlines = self._deadlines
-        while deadlines and deadlines[0][2].sock not in self._pending:
+        while deadlines and deadlines[0][2].sock not in self._handshakes:
             heapq.heappop(deadlines)
         if not deadlines:
             return None
         return max(deadlines[0][0] - now, 0.0)
 
-    def _forget(self, pending: _Pending) -> None:
-        pending.ours = False
-        if not pending.lingering and pending.parser is not None:
-            pending.parser = None
+    def _forget(self, hs: _Handshake) -> None:
+        hs.ours = False
+        if not hs.lingering and hs.parser is not None:
+            hs.parser = None
             self._handshaking -= 1
-        if self._pending.pop(pending.sock, None) is not None:
+        if self._handshakes.pop(hs.sock, None) is not None:
             try:
-                self._selector.unregister(pending.sock)
+                self._selector.unregister(hs.sock)
             except (KeyError, ValueError):
                 pass
 
-    def _close(self, pending: _Pending) -> None:
-        self._forget(pending)
+    def _close(self, hs: _Handshake) -> None:
+        self._forget(hs)
         try:
-            pending.sock.close()
+            hs.sock.close()
         except OSError:
             pass
-
-
-def _drain(sock: socket.socket) -> None:
-    try:
-        while sock.recv(4096):
-            pass
-    except OSError:
-        pass
-
-

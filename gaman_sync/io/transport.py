@@ -1,0 +1,130 @@
+"""Transports: what a connection reads from and writes to.
+
+Theory of operation
+-------------------
+The connection engine never touches a socket. It needs five things of its
+transport, and the transport decides how to do each on what it wraps:
+
+- ``send_nowait(data)`` / ``sendmsg_nowait(buffers)``: hand bytes to the kernel
+  without ever blocking, returning the count taken, raising
+  ``BlockingIOError`` when it takes nothing and ``OSError`` when the peer is
+  gone;
+- ``recv(size)``: wait for bytes (``b""`` at end of stream);
+- ``recv_for(size, timeout)``: the same, for at most ``timeout`` seconds
+  (``socket.timeout`` then);
+- ``shutdown(how)``: wake a thread blocked in ``recv`` from another thread;
+- ``close()``, and ``fileno()`` for the writer thread's selector.
+
+:class:`PlainTransport` wraps a plain ``socket.socket`` in blocking mode and
+makes these calls through the C helper where it is built
+(:mod:`.nonblocking`): on the raw descriptor, keeping the GIL for the calls
+that cannot block, and queueing for the GIL behind the helper's gate after a
+blocking read. Only a socket whose type is exactly ``socket.socket`` gets the
+C calls; a subclass (a TLS socket, a WSGI server's socket under gevent) gets
+the socket's own methods, since its descriptor does not carry its bytes.
+"""
+
+from __future__ import annotations
+
+import functools
+import socket
+from typing import Any, Callable, Sequence, Union
+
+from . import nonblocking
+
+__all__ = ["Transport", "PlainTransport"]
+
+Buffer = Union[bytes, bytearray, memoryview]
+
+
+class Transport:
+    """The interface a connection uses (see the module's docstring)."""
+
+    def send_nowait(self, data: Buffer) -> int:
+        """Bytes the kernel took now; ``BlockingIOError`` if none."""
+        raise NotImplementedError
+
+    def sendmsg_nowait(self, buffers: Sequence[Buffer]) -> int:
+        """``send_nowait`` of several buffers at once, without joining them."""
+        raise NotImplementedError
+
+    def recv(self, size: int) -> bytes:
+        """Wait for up to ``size`` bytes; ``b""`` at end of stream."""
+        raise NotImplementedError
+
+    def recv_for(self, size: int, timeout: float) -> bytes:
+        """``recv`` for at most ``timeout`` seconds (``socket.timeout`` after)."""
+        raise NotImplementedError
+
+    def shutdown(self, how: int = socket.SHUT_RDWR) -> None:
+        """Shut the stream down in one or both directions; never raises."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the transport; never raises."""
+        raise NotImplementedError
+
+    def fileno(self) -> int:
+        """A descriptor a selector can wait on for writability."""
+        raise NotImplementedError
+
+
+class PlainTransport(Transport):
+    """A plain TCP (or Unix) socket in blocking mode."""
+
+    __slots__ = ("sock", "recv", "_send", "_close", "_native")
+
+    def __init__(self, sock: socket.socket) -> None:
+        if sock.gettimeout() is not None:
+            raise ValueError("PlainTransport needs a socket in blocking mode "
+                             "(sock.settimeout(None))")
+        self.sock = sock
+        """The socket."""
+        # Only a socket.socket proper: the C helper works on the descriptor.
+        self._native = type(sock) is socket.socket
+        gated = nonblocking.recv_gated if self._native else None
+        # recv is bound once per connection: the read loop calls it directly.
+        self.recv: Callable[[int], bytes] = (functools.partial(gated, sock.fileno())
+                                             if gated is not None else sock.recv)
+        self._send = nonblocking.send if self._native else nonblocking.send_plain
+        self._close = nonblocking.close if self._native else nonblocking.close_plain
+
+    @property
+    def uses_speedups(self) -> bool:
+        """True when the C helper makes this transport's socket calls."""
+        return self._native and self._send is not nonblocking.send_plain
+
+    def send_nowait(self, data: Buffer) -> int:
+        return self._send(self.sock, data)
+
+    def sendmsg_nowait(self, buffers: Sequence[Buffer]) -> int:
+        return self.sock.sendmsg(buffers, (), nonblocking.DONTWAIT)
+
+    def recv_for(self, size: int, timeout: float) -> bytes:
+        sock = self.sock
+        sock.settimeout(timeout)
+        try:
+            return sock.recv(size)
+        finally:
+            try:
+                sock.settimeout(None)
+            except OSError:
+                pass
+
+    def shutdown(self, how: int = socket.SHUT_RDWR) -> None:
+        try:
+            self.sock.shutdown(how)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        try:
+            self._close(self.sock)
+        except OSError:
+            pass
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def __repr__(self) -> str:
+        return f"<PlainTransport fd={self.sock.fileno()}>"

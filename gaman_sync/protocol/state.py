@@ -1,0 +1,232 @@
+"""The WebSocket state machine after the handshake, for either side, without I/O.
+
+Theory of operation
+-------------------
+Everything that decides what a connection may do next lives here, and
+nothing else: no socket, no thread, no clock. wsproto parses and validates
+every frame (see :mod:`._wsproto`); this module adds what wsproto leaves to
+its user:
+
+- it answers pings, echoes the peer's close, and fails the connection with
+  the right close code (1002 for protocol errors, 1007 for invalid UTF-8,
+  1009 for a message over the size limit);
+- it joins fragments into whole messages and enforces ``max_message_size``
+  as soon as a frame header announces too much, never buffering it first;
+- it remembers the close code that ended the connection: ours if we closed
+  first, the peer's if it did; the first one recorded wins.
+
+The side (client or server) is given once, to :class:`Protocol`: it decides
+whether our frames are masked and which end closes TCP first. Nothing above
+this module asks which side it is on.
+
+:meth:`Protocol.next_event` hands out one application event at a time,
+together with the bytes that must reach the wire *before* that event is
+dispatched. The caller holds its connection lock only around the call, not
+while it runs the callback, so a callback can send. Doing it one event at a
+time keeps the wire in order: a message that arrived before a bad frame is
+delivered (and its echo sent) before the close frame that fails the
+connection.
+
+States: OPEN, then CLOSING once a close frame was sent or received (no data
+may be sent), then CLOSED once the handshake completed, failed or TCP was
+lost. wsproto is not thread-safe: every method must be called with the
+connection's lock held.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Iterator, Optional, Tuple
+
+from ..exceptions import ConnectionClosed
+from ._wsproto import Decoder, Opcode, ParseFailed
+from .events import Closed, Event, Failed, MessageReceived, PongReceived
+from .frames import CloseCode, Data, encode_frame
+
+__all__ = ["Protocol", "Side", "State"]
+
+_TEXT = Opcode.TEXT
+_BINARY = Opcode.BINARY
+_PING = Opcode.PING
+_PONG = Opcode.PONG
+_NO_STATUS = CloseCode.NO_STATUS_RCVD
+_ABNORMAL = CloseCode.ABNORMAL_CLOSURE
+
+
+class Side(Enum):
+    """Which end of the connection we are."""
+
+    SERVER = "server"
+    CLIENT = "client"
+
+
+class State(Enum):
+    """Where the closing handshake stands."""
+
+    OPEN = 1
+    CLOSING = 2
+    CLOSED = 3
+
+
+_OPEN = State.OPEN
+_CLOSING = State.CLOSING
+_CLOSED = State.CLOSED
+_CLOSED_EVENT = Closed()
+
+
+class Protocol:
+    """One WebSocket connection after its handshake, without I/O."""
+
+    __slots__ = ("side", "_decoder", "_frames", "_mask", "state", "_parts", "_size", "_max",
+                 "close_code", "close_reason")
+
+    def __init__(self, side: Side, max_message_size: Optional[int] = None,
+                 trailing_data: bytes = b"", unmask_in_c: bool = True) -> None:
+        self.side = side
+        """:attr:`Side.SERVER` or :attr:`Side.CLIENT`."""
+        client = side is Side.CLIENT
+        self._decoder = Decoder(client, unmask_in_c)
+        self._frames: Optional[Iterator] = None  # wsproto's frame generator, while it yields
+        self._mask = client  # RFC 6455 5.3: a client masks every frame it sends
+        self.state = _OPEN
+        """:attr:`State.OPEN`, ``CLOSING`` or ``CLOSED``."""
+        self._parts: list = []
+        self._size = 0
+        self._max = max_message_size
+        self.close_code: Optional[int] = None
+        """The code that ended the connection: ours if we closed first, else the peer's."""
+        self.close_reason = ""
+        if trailing_data:
+            self.receive_data(trailing_data)
+
+    @property
+    def is_open(self) -> bool:
+        """True while data may be sent (no close frame sent or received)."""
+        return self.state is _OPEN
+
+    @property
+    def unmasks_in_c(self) -> bool:
+        """True when received payloads are unmasked by the C helper."""
+        return self._decoder.unmasks_in_c
+
+    @property
+    def closes_tcp_first(self) -> bool:
+        """RFC 6455 7.1.1: the server closes TCP first; a client waits for it."""
+        return self.side is Side.SERVER
+
+    @property
+    def shares_frames(self) -> bool:
+        """Can one encoded data frame go to many connections? A server's can
+        (unmasked); a client masks each frame with a key of its own."""
+        return not self._mask
+
+    def encode(self, message: Data) -> Tuple[bytes, bytes]:
+        """A data frame for ``message`` as this side sends it: (header, payload)."""
+        return encode_frame(message, self._mask)
+
+    def receive_data(self, data: bytes) -> None:
+        """Bytes from the peer. Ignored once the connection has failed or closed."""
+        if self.state is not _CLOSED:
+            self._decoder.feed(data)
+
+    def next_event(self) -> Tuple[bytes, Optional[Event]]:
+        """Bytes to write, then the next event for the application (or ``None``
+        when everything received so far has been handled)."""
+        out = b""
+        decoder = self._decoder
+        while self.state is not _CLOSED:
+            if not decoder.has_input():
+                frame = None
+            else:
+                if self._frames is None:
+                    self._frames = decoder.received_frames()
+                try:
+                    frame = next(self._frames, None)
+                except ParseFailed as exc:
+                    return out + self._fail(exc.code, str(exc)), self._failed()
+            if frame is None:
+                self._frames = None
+                if self._max is not None and decoder.announced_size(self._size) > self._max:
+                    return out + self._fail(1009, "message too big"), self._failed()
+                return out, None
+            opcode = frame.opcode
+            if opcode is _TEXT or opcode is _BINARY:
+                data = frame.payload
+                held = 0  # bytes of a character split across frames
+                if opcode is _TEXT and not frame.message_finished:
+                    held = decoder.held_utf8()
+                    if held < 0:
+                        return out + self._fail(1007, "invalid UTF-8 (a surrogate)"), \
+                            self._failed()
+                if self._max is not None:
+                    self._size += len(data) if opcode is _BINARY or data.isascii() \
+                        else len(data.encode("utf-8"))
+                    if self._size + held > self._max:
+                        return out + self._fail(1009, "message too big"), self._failed()
+                if not frame.message_finished:
+                    self._parts.append(data)
+                    continue
+                if self._parts:
+                    self._parts.append(data)
+                    data = ("" if opcode is _TEXT else b"").join(self._parts)
+                    self._parts = []
+                self._size = 0
+                return out, MessageReceived(data)
+            if opcode is _PING:
+                if self.state is _OPEN:
+                    out += decoder.pong(frame.payload)
+                continue
+            if opcode is _PONG:
+                return out, PongReceived(bytes(frame.payload))
+            # A close frame: its code and reason were validated in _wsproto.
+            code, reason = frame.payload
+            if self.state is _OPEN:
+                # The peer closed first: echo its code and adopt it.
+                self._record_close(code, reason)
+                out += decoder.close() if code == _NO_STATUS else decoder.close(code, reason)
+            self._end()
+            return out, _CLOSED_EVENT
+        return out, None
+
+    def _record_close(self, code: int, reason: str) -> None:
+        if self.close_code is None:
+            self.close_code = int(code)
+            self.close_reason = reason
+
+    def _fail(self, code: int, reason: str) -> bytes:
+        data = self.close(code, reason)
+        self._end()
+        self._parts = []
+        return data
+
+    def _failed(self) -> Failed:
+        return Failed(self.close_code or 1002, self.close_reason)
+
+    def _end(self) -> None:
+        self.state = _CLOSED
+        self._frames = None
+
+    def ping(self, data: bytes = b"") -> bytes:
+        """A ping frame; raises :class:`ConnectionClosed` unless open."""
+        if len(data) > 125:
+            raise ValueError("a ping's payload is at most 125 bytes")
+        if self.state is not _OPEN:
+            raise ConnectionClosed(self.close_code, self.close_reason)
+        return bytes(self._decoder.ping(bytes(data)))
+
+    def close(self, code: int = 1000, reason: str = "") -> bytes:
+        """Our close frame, if none was sent or received yet (else ``b""``)."""
+        if self.state is not _OPEN:
+            return b""
+        self._record_close(code, reason)
+        self.state = _CLOSING
+        return bytes(self._decoder.close(code, reason))
+
+    def abandon(self, code: int = _ABNORMAL, reason: str = "", force: bool = False) -> None:
+        """TCP is gone, or going: record ``code`` unless one is known (or, with
+        ``force``, in place of it: the handshake did not complete after all),
+        and stop parsing."""
+        if force:
+            self.close_code = None
+        self._record_close(code, reason)
+        self._end()

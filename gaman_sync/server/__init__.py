@@ -1,0 +1,13 @@
+"""The server: listening, routing endpoints by path, the clients of each, and
+a shutdown that leaves nothing running.
+
+Threads: one accepts and runs every opening handshake (see
+:mod:`.acceptor`), the runtime's timer and writer threads serve every
+connection, and each open connection has its own. Nothing else.
+"""
+
+from .blocks import BlockServer, Endpoint
+from .connection import ServerConnection
+from .server import WebSocketServer, serve
+
+__all__ = ["BlockServer", "Endpoint", "ServerConnection", "WebSocketServer", "serve"]

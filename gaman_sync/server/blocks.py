@@ -1,0 +1,151 @@
+"""What a server serves: endpoints, and each endpoint's clients and broadcast.
+
+The server layer does not know GamanJS blocks: it serves *endpoints*, any
+object with a ``path``, the ``subprotocols`` it speaks and a
+``handler_for(ctx)`` that returns the connection's callbacks.
+:class:`gaman_sync.Block` is one.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import (TYPE_CHECKING, Any, Dict, Iterable, List, Sequence, Tuple, Union)
+
+from typing import Protocol as _Interface
+from typing import runtime_checkable
+
+from ..connection import WebSocketHandler
+from ..protocol import Data, encode_frame
+from .connection import ServerConnection
+
+if TYPE_CHECKING:
+    from .server import WebSocketServer
+
+__all__ = ["Endpoint", "BlockServer", "broadcast", "Exclude"]
+
+logger = logging.getLogger("gaman_sync")
+
+Exclude = Union[ServerConnection, int, Iterable[Union[ServerConnection, int]], None]
+"""Who a broadcast skips: a connection or its id, or several of either."""
+
+
+@runtime_checkable
+class Endpoint(_Interface):
+    """What a server routes requests to (a :class:`gaman_sync.Block`)."""
+
+    path: str
+    subprotocols: Tuple[str, ...]
+
+    def handler_for(self, ctx: ServerConnection) -> WebSocketHandler:
+        """The callbacks for a new connection, called in its thread."""
+        ...
+
+
+class BlockServer:
+    """One block's view of the server: ``ctx.server`` in a handler.
+
+    As in GamanJS, where each block has its own ``ws`` server, ``clients``
+    and ``broadcast`` cover this block's connections only. ``root`` is the
+    whole :class:`~gaman_sync.WebSocketServer` (every block, ``shutdown``,
+    ``port``).
+    """
+
+    def __init__(self, root: "WebSocketServer", endpoint: Endpoint) -> None:
+        self.root = root
+        """The :class:`~gaman_sync.WebSocketServer` that runs this block."""
+        self.endpoint = endpoint
+        """The block served."""
+        # Joined and left without a lock: a dict's item assignment, pop()
+        # and list() are each atomic, and a shared lock here is what
+        # thousands of connections ending at once would queue on (each
+        # holder waiting its turn for the GIL among them).
+        self._clients: Dict[ServerConnection, None] = {}
+
+    @property
+    def block(self) -> Endpoint:
+        """The block served (GamanJS's name for the endpoint)."""
+        return self.endpoint
+
+    @property
+    def path(self) -> str:
+        """The block's path."""
+        return self.endpoint.path
+
+    @property
+    def clients(self) -> List[ServerConnection]:
+        """The open connections of this block, in the order they joined (a
+        snapshot). A connection joins once its handler has returned, and
+        leaves the moment its close starts, whoever starts it."""
+        return [conn for conn in list(self._clients) if conn.is_open]
+
+    @property
+    def port(self) -> int:
+        """The port the server listens on."""
+        return self.root.port
+
+    @property
+    def address(self) -> Tuple[Any, ...]:
+        """The address the server listens on."""
+        return self.root.address
+
+    def broadcast(self, message: Data, exclude: Exclude = None) -> int:
+        """Send ``message`` to every open client of this block; never blocks.
+
+        The frame is encoded once and queued for each client. A client whose
+        outgoing buffer is already over ``write_limit`` is closed with 1008
+        instead of holding up the others. ``exclude`` is a connection or its
+        id, or several of either. Returns the number of clients the message
+        was queued for.
+        """
+        return broadcast(list(self._clients), message, exclude)
+
+    def add(self, conn: ServerConnection) -> None:
+        """``conn`` joins the clients (its thread, once its handler returned)."""
+        self._clients[conn] = None
+
+    def discard(self, conn: ServerConnection) -> None:
+        """``conn`` is gone (the server, once its thread is done with it)."""
+        self._clients.pop(conn, None)
+
+    def __repr__(self) -> str:
+        return f"<BlockServer {self.path} with {len(self._clients)} clients>"
+
+
+def _excluded_ids(exclude: Exclude) -> frozenset:
+    if exclude is None:
+        return frozenset()
+    items = (exclude,) if isinstance(exclude, (ServerConnection, int)) else exclude
+    try:
+        ids = []
+        for item in items:  # type: ignore[union-attr]
+            if isinstance(item, ServerConnection):
+                ids.append(item.id)
+            elif isinstance(item, int) and not isinstance(item, bool):
+                ids.append(item)
+            else:
+                raise TypeError
+    except TypeError:
+        raise TypeError("exclude must be a connection or a connection id, or an iterable of "
+                        f"them, not {exclude!r:.60}") from None
+    return frozenset(ids)
+
+
+def broadcast(clients: Sequence[ServerConnection], message: Data, exclude: Exclude) -> int:
+    """Queue ``message``, encoded once, for each of ``clients`` not excluded."""
+    header, payload = encode_frame(message)
+    frame = header + payload
+    skip = _excluded_ids(exclude)
+    sent = 0
+    for conn in clients:
+        if skip and conn.id in skip:
+            continue
+        if conn.send_frame_nowait(frame):
+            sent += 1
+        elif conn.is_open:
+            # Over write_limit: a close frame would wait behind the backlog
+            # the peer is not reading, so TCP is dropped and 1008 reported.
+            logger.warning("%s: closed with 1008, its outgoing buffer is over write_limit "
+                           "(%s bytes): the client is not reading", conn,
+                           conn.options.write_limit)
+            conn.abort(1008, "outgoing buffer over write_limit")
+    return sent
