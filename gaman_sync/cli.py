@@ -13,10 +13,10 @@ import os
 import sys
 from typing import Any, Callable, List, Optional, Sequence
 
-from . import __version__
 from .app import Block
 from .options import check_port
 from .server import serve
+from .version import __version__
 
 __all__ = ["main", "load_blocks"]
 

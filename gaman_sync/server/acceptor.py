@@ -52,7 +52,7 @@ _LINGER = 2.0  # seconds a refused client has to close before we do
 _MAX_BACKOFF = 0.1
 
 Route = Callable[[Request], Any]
-Opened = Callable[[socket.socket, Request, Any, Optional[str], bytes, bytes], None]
+Accepted = Callable[[socket.socket, Request, Any, Optional[str], bytes, bytes], None]
 
 
 class _Handshake:
@@ -74,11 +74,11 @@ class Acceptor:
     """Runs the accept loop of one server (call :meth:`run` in a thread)."""
 
     def __init__(self, listener: socket.socket, options: Options, route: Route,
-                 opened: Opened, capacity: Callable[[], int]) -> None:
+                 accepted: Accepted, capacity: Callable[[], int]) -> None:
         self._listener = listener
         self._options = options
         self._route = route
-        self._opened = opened
+        self._accepted = accepted
         self._capacity = capacity  # how many more connections may be opened now
         self._selector = selectors.DefaultSelector()
         self._waker = Waker(self._selector)
@@ -237,7 +237,7 @@ class Acceptor:
         # The connection's thread sends the 101, under the connection's lock
         # and after it joined its block's clients: a broadcast can then
         # neither precede the 101 on the wire nor miss a client that has it.
-        self._opened(hs.sock, request, view, subprotocol, trailing_data, response)
+        self._accepted(hs.sock, request, view, subprotocol, trailing_data, response)
 
     # -- Refusing and closing -----------------------------------------------
 

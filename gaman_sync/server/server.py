@@ -154,7 +154,7 @@ class WebSocketServer:
             self._listener = _listen(self.host, self._requested_port, self._backlog)
             self._address = self._listener.getsockname()
             self._listener.setblocking(False)
-            self._acceptor = Acceptor(self._listener, self.options, self._route, self._opened,
+            self._acceptor = Acceptor(self._listener, self.options, self._route, self._accepted,
                                       self._capacity)
             self._accept_thread = threading.Thread(target=self._acceptor.run,
                                                    name="gaman_sync-accept", daemon=True)
@@ -249,7 +249,7 @@ class WebSocketServer:
         """How many more connections may open (the acceptor counts its own)."""
         return self.options.max_connections - len(self._connections)
 
-    def _opened(self, sock: socket.socket, request: Request, view: BlockServer,
+    def _accepted(self, sock: socket.socket, request: Request, view: BlockServer,
                 subprotocol: Optional[str], trailing_data: bytes, response: bytes) -> None:
         """A handshake was accepted (in the accept thread): give the connection
         its thread, which sends the 101 ``response`` first."""
