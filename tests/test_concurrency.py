@@ -22,8 +22,11 @@ import gaman_sync.connection
 import gaman_sync.server
 from gaman_sync import ConnectionClosed, ReadyState, SendTimeout, define_block
 
-from .wsclient import (BINARY, CLOSE, PING, TEXT, WAIT, RawClient, RoomClients, connect_many,
-                       parse_close, raise_nofile, room_payload)
+from gaman_sync.testing import (BINARY, CLOSE, PING, TEXT, RawPeer, connect_many, parse_close,
+                                raise_nofile)
+
+from .conftest import WAIT
+from .helpers import RoomClients, room_payload
 
 N_CLIENTS = 200
 N_SENDERS = 8
@@ -132,7 +135,7 @@ def run_broadcast_room(make_server, room: BroadcastRoom, stalled: bool,
         if stalled:
             # It finishes the handshake (the only recv it ever makes) and
             # reads nothing after.
-            quiet = RawClient.connect(server.port, "/room?cid=stalled", rcvbuf=4096,
+            quiet = RawPeer.open("127.0.0.1", server.port, "/room?cid=stalled", rcvbuf=4096,
                                       mss=STALL_MSS)
         room.wait_opened(N_CLIENTS + (1 if stalled else 0))
         if stalled:
@@ -240,7 +243,8 @@ def test_stalled_client_does_not_hold_up_broadcasts(make_server, caplog, capsys)
                 break
             if not data:
                 break
-            for opcode, body in quiet.parser.feed(data):
+            for f in quiet.parser.feed(data):
+                opcode, body = f.opcode, f.payload
                 assert opcode == TEXT
                 got[int(body[:2])].append(int(body[3:8]))
         for sender, seqs in got.items():
@@ -266,7 +270,7 @@ def test_broadcast_encodes_the_frame_once(make_server, monkeypatch):
                         counting("connection", gaman_sync.protocol.state.encode_frame))
     room = BroadcastRoom()
     server = make_server(room.block, ping_interval=None)
-    clients = connect_many(server.port, (f"/room?cid={i}" for i in range(30)))
+    clients = connect_many("127.0.0.1", server.port, (f"/room?cid={i}" for i in range(30)))
     try:
         room.wait_opened(30)
         view = server.blocks[0]
@@ -275,7 +279,7 @@ def test_broadcast_encodes_the_frame_once(make_server, monkeypatch):
         assert calls == {"server": 5, "connection": 0}
         for client in clients:
             got = []
-            client.read_until(lambda: len(got) == 5, lambda f: got.append(f))
+            client.read_until(lambda: len(got) == 5, lambda f: got.append((f.opcode, f.payload)))
             assert got == [(TEXT, f"hello {i}".encode()) for i in range(5)]
     finally:
         for client in clients:
@@ -327,7 +331,7 @@ def test_many_threads_send_on_one_connection(make_server):
     # client is not reading yet, so every write path runs concurrently.
     server = make_server(define_block("/", handler), ping_interval=None,
                          write_limit=256 * 1024, send_timeout=30)
-    client = RawClient.connect(server.port, "/", rcvbuf=64 * 1024)
+    client = RawPeer.open("127.0.0.1", server.port, "/", rcvbuf=64 * 1024)
     try:
         assert opened.wait(WAIT)
         ctx = holder["ctx"]
@@ -377,7 +381,7 @@ def test_many_threads_send_on_one_connection(make_server):
         client.answer_pings = False  # the pings are data here, not keepalive
 
         def on_frame(frame):
-            opcode, data = frame
+            opcode, data = frame.opcode, frame.payload
             if opcode == PING:
                 pid, seq = data.decode()[1:].split(":")
                 assert int(seq) == pings[int(pid)], f"ping {data!r} out of order"
@@ -420,8 +424,8 @@ def test_send_to_stalled_client_times_out_without_delaying_others(make_server):
     limit = 64 * 1024
     server = make_server(define_block("/", handler), ping_interval=None, write_limit=limit,
                          send_timeout=5)
-    stalled = RawClient.connect(server.port, "/?cid=stalled", rcvbuf=4096, mss=STALL_MSS)
-    healthy = RawClient.connect(server.port, "/?cid=healthy")
+    stalled = RawPeer.open("127.0.0.1", server.port, "/?cid=stalled", rcvbuf=4096, mss=STALL_MSS)
+    healthy = RawPeer.open("127.0.0.1", server.port, "/?cid=healthy")
     try:
         with cond:
             assert cond.wait_for(lambda: len(ctxs) == 2, WAIT)
@@ -466,7 +470,7 @@ def test_send_to_stalled_client_times_out_without_delaying_others(make_server):
         quick = time.monotonic() - began
         assert waiter.is_alive(), "the stalled send stopped waiting too early to tell"
         got = []
-        healthy.read_until(lambda: len(got) == 50, got.append)
+        healthy.read_until(lambda: len(got) == 50, lambda f: got.append((f.opcode, f.payload)))
         assert got == [(TEXT, f"h{i}".encode()) for i in range(50)]
         assert quick < 0.2, f"sending to a healthy client took {quick:.3f} s"
         waiter.join(WAIT)
@@ -483,7 +487,7 @@ def test_send_waiting_for_room_raises_when_the_connection_is_dropped(make_server
 
     server = make_server(define_block("/", handler), ping_interval=None,
                          write_limit=32 * 1024, send_timeout=10)
-    stalled = RawClient.connect(server.port, "/", rcvbuf=4096, mss=STALL_MSS)
+    stalled = RawPeer.open("127.0.0.1", server.port, "/", rcvbuf=4096, mss=STALL_MSS)
     try:
         assert opened.wait(WAIT)
         ctx = holder["ctx"]
@@ -522,7 +526,7 @@ def test_send_after_connection_lost_raises(make_server, how):
     handler, holder, opened, closed = capture_connection()
 
     server = make_server(define_block("/", handler), ping_interval=None)
-    client = RawClient.connect(server.port, "/")
+    client = RawPeer.open("127.0.0.1", server.port, "/")
     assert opened.wait(WAIT)
     ctx = holder["ctx"]
     if how == "peer_reset":
@@ -575,7 +579,7 @@ def test_close_frame_of_a_send_is_never_split(make_server):
     handler, holder, opened, _ = capture_connection()
 
     server = make_server(define_block("/", handler), ping_interval=None)
-    client = RawClient.connect(server.port, "/")
+    client = RawPeer.open("127.0.0.1", server.port, "/")
     try:
         assert opened.wait(WAIT)
         ctx = holder["ctx"]
@@ -605,7 +609,7 @@ def test_close_frame_of_a_send_is_never_split(make_server):
         assert closes == [len(frames) - 1], "the close frame is not last, or not alone"
         assert parse_close(frames[-1][1]) == (4000, "enough")
         per_thread: Dict[int, List[int]] = {}
-        for opcode, data in frames[:-1]:
+        for opcode, data in ((f.opcode, f.payload) for f in frames[:-1]):
             tid, seq, _ = data.decode().split(":")
             per_thread.setdefault(int(tid), []).append(int(seq))
         for tid, sent in results.items():

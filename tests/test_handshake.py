@@ -22,9 +22,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gaman_sync.protocol.handshake import accept_token
+from gaman_sync.testing import BINARY, PING, PONG, RawPeer, handshake_request
+
 from .conftest import WAIT
-from .rawclient import (BINARY, PING, PONG, RawClient, RecordingBlock, accept_for,
-                        handshake_request)
+from .helpers import RecordingBlock
 
 MAX_BODY = 256     # bytes: what "a short reason" may take
 MAX_LOG_LINE = 300  # characters
@@ -129,7 +131,7 @@ def hs(make_server, caplog):
 
 
 def still_serves(server) -> None:
-    with RawClient.open(server.port) as client:
+    with RawPeer.open("127.0.0.1", server.port, "/echo") as client:
         client.send_frame(BINARY, b"alive")
         f = client.recv_frame()
         assert (f.opcode, f.payload) == (BINARY, b"alive")
@@ -294,7 +296,7 @@ def test_max_connections_answers_503_without_a_thread(hs, caplog):
     # Handshakes in progress count: two silent sockets and one open WebSocket.
     silent = [socket.create_connection(("127.0.0.1", server.port), timeout=WAIT)
               for _ in range(2)]
-    client = RawClient.open(server.port)
+    client = RawPeer.open("127.0.0.1", server.port, "/echo")
     try:
         rb.recorder().wait_kind("open")
         threads = set(threading.enumerate())
@@ -383,7 +385,7 @@ def test_fuzzed_requests_get_an_http_error_or_a_close(hs, caplog, data):
     assert_no_traceback(ex.records)
     assert len(ex.log_lines()) <= 1, [r.getMessage() for r in ex.log_lines()]
     if ex.status == 101:
-        expected = {accept_for(k).decode() for k in keys_in(data)}
+        expected = {accept_token(k).decode() for k in keys_in(data)}
         assert ex.header("sec-websocket-accept") in expected
     elif ex.status is not None:
         assert 400 <= ex.status < 600, ex.raw[:200]
@@ -403,6 +405,6 @@ def test_server_serves_after_the_fuzzing(hs, caplog):
         exchange(server, data, caplog, half_close=True)
     assert_no_traceback(caplog.records)
     still_serves(server)
-    with RawClient.open(server.port) as client:
+    with RawPeer.open("127.0.0.1", server.port, "/echo") as client:
         client.send_frame(PING, b"ok")
         assert client.recv_frame().opcode == PONG

@@ -28,9 +28,10 @@ import pytest
 
 from gaman_sync import define_block
 
+from gaman_sync.testing import BINARY, PING, TEXT, RawPeer, close_frame, frame, handshake_request
+
 from .conftest import WAIT
-from .rawclient import (BINARY, PING, TEXT, RawClient, RecordingBlock, close_frame, frame,
-                        handshake_request)
+from .helpers import RecordingBlock
 
 CLIENT_TIMEOUT = 5.0
 
@@ -105,7 +106,7 @@ def garbage_request(port, rng):
 
 def partial_request(port, rng):
     s = connect(port)
-    request = handshake_request()
+    request = handshake_request("/echo")
     s.sendall(request[:rng.randrange(1, len(request) - 4)])
     if rng.random() < 0.5:
         reset(s)
@@ -122,8 +123,8 @@ def stalled_handshake(port, rng):
     return []
 
 
-def opened(port) -> RawClient:
-    return RawClient.open(port, timeout=CLIENT_TIMEOUT)
+def opened(port) -> RawPeer:
+    return RawPeer.open("127.0.0.1", port, "/echo", timeout=CLIENT_TIMEOUT)
 
 
 def garbage_frames(port, rng):
@@ -262,7 +263,7 @@ def test_2000_hostile_connections_leave_nothing_behind(make_server, caplog):
     assert not bad, [r.getMessage() for r in bad[:5]]
 
     # And a normal client is served as before.
-    with RawClient.open(server.port) as client:
+    with RawPeer.open("127.0.0.1", server.port, "/echo") as client:
         client.send_frame(TEXT, "still here")
         f = client.recv_frame()
         assert (f.opcode, f.payload) == (TEXT, b"still here")
@@ -275,7 +276,7 @@ def test_ping_flood_without_reading_keeps_the_server_buffer_bounded(make_server)
     rb = RecordingBlock("/echo")
     server = make_server(rb.block, write_limit=write_limit, ping_interval=None,
                          close_timeout=1.0)
-    client = RawClient.open(server.port)
+    client = RawPeer.open("127.0.0.1", server.port, "/echo")
     conn = rb.recorder().ctx
     chunk = b"".join(frame(PING, b"p" * 125) for _ in range(2000))  # ~260 KB
     total = 16 << 20  # far more than the kernel buffers of both ends hold
@@ -391,14 +392,14 @@ def test_out_of_descriptors_backs_off_and_recovers():
         proc.stdin.flush()
         assert proc.stdout.readline().startswith("FREED")
         # The waiting connection is accepted and served.
-        raw = RawClient(port, WAIT, sock=client)
+        raw = RawPeer(client, timeout=WAIT)
         response = raw.read_http_response(body=False)
         assert response.status == 101
         raw.send_frame(TEXT, "after EMFILE")
         f = raw.recv_frame()
         assert (f.opcode, f.payload) == (TEXT, b"after EMFILE")
         # And a new one too.
-        with RawClient.open(port) as fresh:
+        with RawPeer.open("127.0.0.1", port, "/echo") as fresh:
             fresh.send_frame(BINARY, b"new")
             assert fresh.recv_frame().payload == b"new"
         proc.stdin.write("stop\n")

@@ -16,8 +16,9 @@ from websockets.sync.client import connect
 
 from gaman_sync import define_block
 
+from gaman_sync.testing import CLOSE, PING, MultiReader, RawPeer, connect_many, parse_close
+
 from .conftest import WAIT
-from .wsclient import CLOSE, PING, MultiReader, RawClient, connect_many, parse_close
 
 # Timer jitter on a loaded two-core machine stays well under this.
 SLACK = 0.25
@@ -81,7 +82,7 @@ def test_peer_that_stops_answering_pings_is_closed_with_1011(make_server, interv
                          close_timeout=2)
     # The keepalive clock starts somewhere between these two instants.
     before_connect = time.monotonic()
-    silent = RawClient.connect(server.port, "/?cid=silent")
+    silent = RawPeer.open("127.0.0.1", server.port, "/?cid=silent")
     try:
         with connect(f"ws://127.0.0.1:{server.port}/?cid=alive", max_size=None,
                      ping_interval=None, open_timeout=WAIT, close_timeout=WAIT) as alive:
@@ -111,7 +112,7 @@ def test_peer_that_stops_answering_pings_is_closed_with_1011(make_server, interv
         silent.read_to_eof(frames.append)
         assert frames and frames[-1][0] == CLOSE, frames
         assert parse_close(frames[-1][1])[0] == 1011
-        assert {opcode for opcode, _ in frames[:-1]} == {PING}
+        assert {f.opcode for f in frames[:-1]} == {PING}
     finally:
         silent.close()
 
@@ -188,8 +189,8 @@ def test_many_silent_peers_each_closed_on_time(make_server):
     server = make_server(peers.block, ping_interval=interval, ping_timeout=timeout,
                          close_timeout=2)
     before_connect = time.monotonic()
-    silent = connect_many(server.port, (f"/?cid=s{i}" for i in range(100)))
-    alive = connect_many(server.port, (f"/?cid=a{i}" for i in range(20)))
+    silent = connect_many("127.0.0.1", server.port, (f"/?cid=s{i}" for i in range(100)))
+    alive = connect_many("127.0.0.1", server.port, (f"/?cid=a{i}" for i in range(20)))
     reader = MultiReader()  # answers pings
     reader.add(alive)
     try:
@@ -218,8 +219,8 @@ def test_many_silent_peers_each_closed_on_time(make_server):
 def test_unanswered_close_ends_after_close_timeout(make_server, close_timeout):
     peers = Peers()
     server = make_server(peers.block, ping_interval=None, close_timeout=close_timeout)
-    mute = RawClient.connect(server.port, "/?cid=mute")
-    polite = RawClient.connect(server.port, "/?cid=polite")
+    mute = RawPeer.open("127.0.0.1", server.port, "/?cid=mute")
+    polite = RawPeer.open("127.0.0.1", server.port, "/?cid=polite")
     peers.wait(lambda: len(peers.ctxs) == 2, what="both clients to open")
     mute.answer_close = False
     started = time.monotonic()

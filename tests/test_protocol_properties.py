@@ -19,8 +19,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from .rawclient import (BINARY, CLOSE, CONT, PING, PONG, TEXT, RawClient, RecordingBlock,
-                        chunks, close_frame, frame, utf8_error_at)
+from gaman_sync.testing import (BINARY, CLOSE, CONT, PING, PONG, TEXT, RawPeer, chunks,
+                                close_frame, frame)
+
+from .helpers import RecordingBlock, utf8_error_at
 
 MAX_SIZE = 256  # max_message_size of the server under test: small, so it is reached
 RESERVED_OPCODES = frozenset({3, 4, 5, 6, 7, 11, 12, 13, 14, 15})
@@ -199,7 +201,7 @@ def world(make_server):
     rb = RecordingBlock("/echo")
     server = make_server(rb.block, max_message_size=MAX_SIZE, ping_interval=None,
                          close_timeout=2.0)
-    bystander = RawClient.open(server.port, path="/echo?id=bystander")
+    bystander = RawPeer.open("127.0.0.1", server.port, path="/echo?id=bystander")
     yield server, rb, bystander
     bystander.close()
 
@@ -225,7 +227,7 @@ def test_server_reply_is_what_rfc6455_prescribes(world, frames, cut):
         writes = chunks(stream, cut)
 
     conn_id = str(next(counter))
-    with RawClient.open(server.port, path=f"/echo?id={conn_id}") as client:
+    with RawPeer.open("127.0.0.1", server.port, path=f"/echo?id={conn_id}") as client:
         for w in writes:
             try:
                 client.send(w)

@@ -163,7 +163,7 @@ def test_second_shutdown_waits_for_the_first(make_server):
 def test_socket_setdefaulttimeout_does_not_reach_connections(make_server):
     """The accept thread reads handshakes without changing a socket's mode; a
     program-wide default timeout must still not make idle connections fail."""
-    from .rawclient import TEXT, RawClient
+    from gaman_sync.testing import TEXT, RawPeer
 
     closed = Recorder()
     previous = socket.getdefaulttimeout()
@@ -171,7 +171,7 @@ def test_socket_setdefaulttimeout_does_not_reach_connections(make_server):
     try:
         server = make_server(define_block("/echo", lambda ctx: {
             "on_message": ctx.send, "on_close": lambda code, reason: closed.add("close", code)}))
-        with RawClient.open(server.port, "/echo", timeout=WAIT) as client:
+        with RawPeer.open("127.0.0.1", server.port, "/echo", timeout=WAIT) as client:
             time.sleep(0.6)  # idle for three default timeouts: nothing may happen
             client.send_frame(TEXT, "still here")
             assert client.recv_frame().payload == b"still here"

@@ -1,6 +1,6 @@
 """RFC 6455 conformance of the server, section by section, over real sockets.
 
-Every test drives a raw client (tests/rawclient.py) that writes exact bytes,
+Every test drives a raw client (gaman_sync.testing.raw) that writes exact bytes,
 and checks both what comes back on the wire and what the handler saw. The
 cases follow the RFC's sections and the areas of the Autobahn|Testsuite
 server cases (1-7, 9), with the strict reading: the exact close code, and the
@@ -17,10 +17,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gaman_sync.testing import (BINARY, CLOSE, CONT, PING, PONG, TEXT, RawPeer, chunks,
+                                close_frame, frame)
+
 from .conftest import WAIT
-from .rawclient import (BINARY, CLOSE, CONT, PING, PONG, TEXT, RawClient, RecordingBlock,
-                        chunks, close_frame, frame, roundtrip_close,
-                        utf8_error_at)
+from .helpers import RecordingBlock, utf8_error_at
 
 MiB = 1024 * 1024
 FAST = 2.0  # seconds: what "at once" may take on a loaded machine
@@ -51,8 +52,9 @@ def echo(serve):
     return serve()
 
 
-def open_client(server, **kw) -> RawClient:
-    return RawClient.open(server.port, **kw)
+def open_client(server, **kw) -> RawPeer:
+    path = kw.pop("path", "/echo")
+    return RawPeer.open("127.0.0.1", server.port, path, **kw)
 
 
 def text_of_size(n: int) -> str:
@@ -63,7 +65,7 @@ def text_of_size(n: int) -> str:
     return s + "a" * rest
 
 
-def expect_echo(client: RawClient, opcode: int, payload: bytes, timeout=None) -> None:
+def expect_echo(client: RawPeer, opcode: int, payload: bytes, timeout=None) -> None:
     f = client.recv_frame(timeout)
     assert (f.opcode, f.fin, f.rsv, f.masked) == (opcode, True, 0, False), \
         (f.opcode, f.fin, f.rsv, f.masked, f.payload[:80])
@@ -71,7 +73,7 @@ def expect_echo(client: RawClient, opcode: int, payload: bytes, timeout=None) ->
     assert f.payload == payload
 
 
-def expect_failure(client: RawClient, code: int, rb: RecordingBlock = None):
+def expect_failure(client: RawPeer, code: int, rb: RecordingBlock = None):
     """The server fails the connection: a close frame with ``code``, nothing else
     after it, then the TCP close; ``on_close`` reports the same code."""
     f = client.expect_close()
@@ -94,7 +96,7 @@ def test_4_2_2_accept_key_and_frames_in_the_handshake_segment(echo):
     client = open_client(server, after=frame(TEXT, "early") + frame(PING, b"p"))
     expect_echo(client, TEXT, b"early")
     expect_echo(client, PONG, b"p")
-    assert roundtrip_close(client).close_code() == 1000
+    assert client.close_handshake().close_code() == 1000
     assert rb.recorder().wait_kind("close")[0] == ("open",)
 
 
@@ -111,7 +113,7 @@ def test_5_2_every_length_class_echoes(echo, opcode, n):
     with open_client(server) as client:
         client.send_frame(opcode, payload)
         expect_echo(client, opcode, payload)
-        assert roundtrip_close(client).close_code() == 1000
+        assert client.close_handshake().close_code() == 1000
 
 
 @pytest.mark.parametrize("opcode", [TEXT, BINARY])
@@ -130,7 +132,7 @@ def test_5_2_several_mib_up_to_the_limit(serve, opcode):
         smaller = text_of_size(3 * MiB).encode() if opcode == TEXT else payload[:3 * MiB]
         client.send_frame(opcode, smaller)
         expect_echo(client, opcode, smaller)
-        assert roundtrip_close(client).close_code() == 1000
+        assert client.close_handshake().close_code() == 1000
 
 
 def test_5_2_one_byte_at_a_time_behaves_as_one_segment(echo):
@@ -163,7 +165,7 @@ def test_5_2_many_frames_in_one_segment(echo):
         for i in range(n):
             expect_echo(client, TEXT, f"m{i}".encode())
             expect_echo(client, PONG, str(i).encode())
-        assert roundtrip_close(client).close_code() == 1000
+        assert client.close_handshake().close_code() == 1000
     events = rb.recorder().wait_kind("close")
     assert [e[1] for e in events if e[0] == "message"] == [f"m{i}" for i in range(n)]
 
@@ -260,7 +262,7 @@ def test_5_4_any_fragmentation_echoes_the_whole_message(echo, opcode, data, cuts
         for ping in pings[:len(parts) - 1]:
             expect_echo(client, PONG, ping)
         expect_echo(client, opcode, data)
-        assert roundtrip_close(client).close_code() == 1000
+        assert client.close_handshake().close_code() == 1000
 
 
 def test_5_4_empty_fragments(echo):
@@ -271,7 +273,7 @@ def test_5_4_empty_fragments(echo):
         expect_echo(client, TEXT, b"x")
         client.send(frame(BINARY, b"", fin=False) + frame(CONT, b"", fin=True))
         expect_echo(client, BINARY, b"")
-        assert roundtrip_close(client).close_code() == 1000
+        assert client.close_handshake().close_code() == 1000
 
 
 @pytest.mark.parametrize("fin", [True, False])
@@ -327,7 +329,7 @@ def test_5_4_fragments_arriving_separately_with_pings_between(echo):
         expect_echo(client, PONG, b"2")
         client.send_frame(CONT, "!", fin=True)
         expect_echo(client, TEXT, b"Hello, World!")
-        assert roundtrip_close(client).close_code() == 1000
+        assert client.close_handshake().close_code() == 1000
     assert ("pong", b"unsolicited") in rb.recorder().wait_kind("close")
 
 
@@ -340,7 +342,7 @@ def test_5_5_2_ping_is_answered_with_an_identical_pong(echo, n):
     with open_client(server) as client:
         client.send_frame(PING, payload)
         expect_echo(client, PONG, payload)
-        assert roundtrip_close(client).close_code() == 1000
+        assert client.close_handshake().close_code() == 1000
 
 
 @pytest.mark.parametrize("opcode", [PING, PONG, CLOSE])
@@ -376,7 +378,7 @@ def test_5_5_3_unsolicited_pong_is_accepted_and_reaches_on_pong(echo, n):
         expect_echo(client, TEXT, b"still open")
         rec = rb.recorder()
         rec.wait_kind("pong")
-        assert roundtrip_close(client).close_code() == 1000
+        assert client.close_handshake().close_code() == 1000
     events = rec.wait_kind("close")
     assert [e for e in events if e[0] != "message"] == [
         ("open",), ("pong", payload), ("close", 1000, "")]
@@ -389,7 +391,7 @@ def test_5_5_2_ping_flurry_each_answered_in_order(echo):
         client.send(b"".join(frame(PING, p) for p in payloads))
         for p in payloads:
             expect_echo(client, PONG, p)
-        assert roundtrip_close(client).close_code() == 1000
+        assert client.close_handshake().close_code() == 1000
 
 
 # -- 5.6 / 8.1 Text and UTF-8 -------------------------------------------------
@@ -421,7 +423,7 @@ def test_8_1_valid_text_round_trips(echo, text):
         client.send(b"".join(frame(TEXT if i == 0 else CONT, p, fin=i == len(parts) - 1)
                              for i, p in enumerate(parts)))
         expect_echo(client, TEXT, data)
-        assert roundtrip_close(client).close_code() == 1000
+        assert client.close_handshake().close_code() == 1000
     assert [e[1] for e in rb.recorder().events if e[0] == "message"] == [text, text]
 
 
@@ -671,7 +673,7 @@ def test_10_4_message_exactly_at_the_limit_passes(serve):
         expect_echo(client, TEXT, b"x" * 600 + b"y" * 400)
         client.send(frame(TEXT, "é" * 500))
         expect_echo(client, TEXT, "é".encode() * 500)
-        assert roundtrip_close(client).close_code() == 1000
+        assert client.close_handshake().close_code() == 1000
 
 
 def test_10_4_text_over_the_limit_counts_bytes_not_decoded_characters(serve):
@@ -693,4 +695,4 @@ def test_10_4_the_limit_leaves_other_connections_alone(serve):
         expect_failure(client, 1009)
         bystander.send_frame(BINARY, b"b" * 1000)
         expect_echo(bystander, BINARY, b"b" * 1000)
-        assert roundtrip_close(bystander).close_code() == 1000
+        assert bystander.close_handshake().close_code() == 1000

@@ -21,8 +21,10 @@ from websockets.sync.client import connect
 
 from gaman_sync import define_block
 
+from gaman_sync.testing import MultiReader, RawPeer, connect_many, raise_nofile
+
 from .conftest import WAIT
-from .wsclient import MultiReader, RawClient, connect_many, raise_nofile, server_threads
+from .helpers import server_threads
 
 TIMEOUT = 3.0
 
@@ -97,8 +99,8 @@ def test_shutdown_with_500_clients_and_one_that_ignores_the_close(make_server, c
     ws_clients = []
     stack = contextlib.ExitStack()
     try:
-        raw = connect_many(server.port, (f"/?cid=r{i}" for i in range(n_raw)))
-        ignorer = RawClient.connect(server.port, "/?cid=ignorer")
+        raw = connect_many("127.0.0.1", server.port, (f"/?cid=r{i}" for i in range(n_raw)))
+        ignorer = RawPeer.open("127.0.0.1", server.port, "/?cid=ignorer")
         ignorer.answer_close = False
         reader.add(raw + [ignorer])
         for i in range(n_ws):
@@ -119,12 +121,12 @@ def test_shutdown_with_500_clients_and_one_that_ignores_the_close(make_server, c
         shutter = threading.Thread(target=do_shutdown)
         started = time.monotonic()
         shutter.start()
-        reader.wait_for(lambda: ignorer.close_frame is not None,
+        reader.wait_for(lambda: ignorer.received_close is not None,
                         what="the ignoring client to get its close frame")
-        assert ignorer.close_frame[0] == 1001
+        assert ignorer.received_close[0] == 1001
         # Closing has begun, so accepting has stopped.
         with pytest.raises(OSError):
-            RawClient.connect(server.port, "/?cid=late", timeout=2).close()
+            RawPeer.open("127.0.0.1", server.port, "/?cid=late", timeout=2).close()
         shutter.join(TIMEOUT + WAIT)
         assert not shutter.is_alive(), "shutdown() did not return"
         elapsed = result["elapsed"]
@@ -138,7 +140,7 @@ def test_shutdown_with_500_clients_and_one_that_ignores_the_close(make_server, c
 
         reader.wait_for(lambda: all(c.eof for c in raw) and ignorer.eof,
                         what="every raw client to see the end of TCP")
-        assert all(c.close_frame is not None and c.close_frame[0] == 1001 for c in raw)
+        assert all(c.received_close is not None and c.received_close[0] == 1001 for c in raw)
         handshakes_done = max(c.eof_at for c in raw) - started
         dropped = tracker.closes["ignorer"][0][2] - started
         # The ignoring client was given a fair part of the timeout, and was
@@ -181,10 +183,10 @@ def test_shutdown_from_a_callback(make_server, callback):
     tracker = Tracker(**{callback: stop})
     server = make_server(tracker.block, ping_interval=None)
     reader = MultiReader()
-    clients = connect_many(server.port, (f"/?cid=c{i}" for i in range(20)))
+    clients = connect_many("127.0.0.1", server.port, (f"/?cid=c{i}" for i in range(20)))
     reader.add(clients)
     tracker.wait(lambda: len(tracker.ctxs) == 20, what="clients to open")
-    trigger = RawClient.connect(server.port, "/?cid=trigger")
+    trigger = RawPeer.open("127.0.0.1", server.port, "/?cid=trigger")
     if callback == "on_message":
         trigger.send_text("stop")
     elif callback == "on_close":
@@ -202,7 +204,7 @@ def test_shutdown_from_a_callback(make_server, callback):
     assert not new_server_threads(before), new_server_threads(before)
     tracker.assert_each_closed_once(1001, {"trigger": 1000} if callback == "on_close" else {})
     reader.wait_for(lambda: all(c.eof for c in clients + [trigger]), what="EOF everywhere")
-    assert all(c.close_frame is not None and c.close_frame[0] == 1001 for c in clients)
+    assert all(c.received_close is not None and c.received_close[0] == 1001 for c in clients)
     reader.stop()
 
 
@@ -217,7 +219,7 @@ def test_shutdown_from_a_signal_handler(make_server, main_thread_only):
     tracker = Tracker()
     server = make_server(tracker.block, ping_interval=None)
     reader = MultiReader()
-    clients = connect_many(server.port, (f"/?cid=c{i}" for i in range(30)))
+    clients = connect_many("127.0.0.1", server.port, (f"/?cid=c{i}" for i in range(30)))
     reader.add(clients)
     tracker.wait(lambda: len(tracker.ctxs) == 30, what="clients to open")
     result = {}
@@ -260,7 +262,7 @@ def test_shutdown_from_a_signal_handler_that_interrupts_a_broadcast(make_server,
     server = make_server(tracker.block, ping_interval=None)
     received = []
     reader = MultiReader(lambda client, opcode, data: received.append(1))
-    clients = connect_many(server.port, (f"/?cid=c{i}" for i in range(20)))
+    clients = connect_many("127.0.0.1", server.port, (f"/?cid=c{i}" for i in range(20)))
     reader.add(clients)
     tracker.wait(lambda: len(tracker.ctxs) == 20, what="clients to open")
     finished = threading.Event()
@@ -332,7 +334,7 @@ def test_concurrent_shutdown_calls_all_return_once_it_is_done(make_server):
     tracker = Tracker()
     server = make_server(tracker.block, ping_interval=None)
     reader = MultiReader()
-    clients = connect_many(server.port, (f"/?cid=c{i}" for i in range(40)))
+    clients = connect_many("127.0.0.1", server.port, (f"/?cid=c{i}" for i in range(40)))
     reader.add(clients)
     tracker.wait(lambda: len(tracker.ctxs) == 40, what="clients to open")
     go = threading.Barrier(4, timeout=WAIT)
@@ -365,13 +367,13 @@ def test_shutdown_while_clients_keep_connecting(make_server):
     server = make_server(tracker.block, ping_interval=None)
     port = server.port
     outcomes: Dict[int, list] = {}
-    kept: List[RawClient] = []
+    kept: List[RawPeer] = []
 
     def churn(worker: int) -> None:
         log = outcomes.setdefault(worker, [])
         for i in range(10_000):
             try:
-                client = RawClient.connect(port, f"/?cid={worker}-{i}", timeout=TIMEOUT + 2)
+                client = RawPeer.open("127.0.0.1", port, f"/?cid={worker}-{i}", timeout=TIMEOUT + 2)
             except OSError as exc:
                 log.append(("refused", exc))
                 return

@@ -23,9 +23,9 @@ from wsproto.frame_protocol import XorMaskerSimple
 from gaman_sync import define_block
 from gaman_sync.io import nonblocking
 from gaman_sync.protocol import MessageReceived, Protocol, Side, frames
+from gaman_sync.testing import BINARY, TEXT, RawPeer, chunks, frame
 
 from .conftest import WAIT, Recorder
-from .rawclient import BINARY, TEXT, RawClient, chunks, frame, mask_bytes
 
 LINUX = sys.platform.startswith("linux")
 needs_gate = pytest.mark.skipif(nonblocking.recv_gated is None,
@@ -241,7 +241,7 @@ def test_echo_on_a_real_socket(make_server, helper):
 
 
 def echo_over(server) -> None:
-    with RawClient.open(server.port, "/echo") as client:
+    with RawPeer.open("127.0.0.1", server.port, "/echo") as client:
         for size in (0, 1, 7, 125, 126, 4099, 65536, 1 << 20):
             data = os.urandom(size)
             key = os.urandom(4)
@@ -277,7 +277,7 @@ def test_connections_get_blocking_sockets(make_server, monkeypatch, inherits):
         return {"on_message": ctx.send, "on_close": lambda code, reason: seen.add("close", code)}
 
     server = make_server([define_block("/echo", block)])
-    with RawClient.open(server.port, "/echo", timeout=WAIT) as client:
+    with RawPeer.open("127.0.0.1", server.port, "/echo", timeout=WAIT) as client:
         assert seen.wait_kind("blocking") == [("blocking", True)]
         threading.Event().wait(0.2)  # idle, so that the next read has to wait
         client.send_frame(TEXT, "still here")

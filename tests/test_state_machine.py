@@ -22,8 +22,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition, rule,
                                  run_state_machine_as_test)
 
-from .rawclient import (BINARY, CONT, PING, PONG, TEXT, RawClient, RecordingBlock,
-                        chunks, close_frame, frame)
+from gaman_sync.testing import BINARY, CONT, PING, PONG, TEXT, RawPeer, chunks, close_frame, frame
+
+from .helpers import RecordingBlock
 
 _ids = itertools.count()
 
@@ -52,7 +53,7 @@ class ConnectionMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.id = f"sm{next(_ids)}"
-        self.client = RawClient.open(self.port, path=f"/sm?id={self.id}")
+        self.client = RawPeer.open("127.0.0.1", self.port, path=f"/sm?id={self.id}")
         self.rec = self.block.recorder(self.id)
         self.messages: list = []
         self.pongs: List[bytes] = []

@@ -20,8 +20,10 @@ from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition,
 
 from gaman_sync import ConnectionClosed, ReadyState, WebSocketServer, define_block
 
+from gaman_sync.testing import CLOSE, TEXT, RawPeer, connect_many, handshake_request
+
 from .conftest import WAIT
-from .wsclient import CLOSE, TEXT, RawClient, connect_many, request_bytes, server_threads
+from .helpers import server_threads
 
 MAX_OPEN = 8
 
@@ -29,7 +31,7 @@ MAX_OPEN = 8
 class Model:
     """What one client should have seen."""
 
-    def __init__(self, cid: str, raw: RawClient, ctx, batch: int) -> None:
+    def __init__(self, cid: str, raw: RawPeer, ctx, batch: int) -> None:
         self.cid = cid
         self.batch = batch  # which connect() opened it
         self.raw = raw
@@ -45,7 +47,7 @@ class Model:
         self.expected.setdefault(source, []).extend(messages)
 
     def on_frame(self, frame) -> None:
-        opcode, data = frame
+        opcode, data = frame.opcode, frame.payload
         if opcode == CLOSE:
             return  # the raw client has answered it
         assert opcode == TEXT, frame
@@ -123,7 +125,7 @@ class ClientsMachine(RuleBasedStateMachine):
     def connect(self, n: int) -> List[Model]:
         cids = [f"c{self.next_id + i}" for i in range(n)]
         self.next_id += n
-        raws = connect_many(self.server.port, (f"/?cid={cid}" for cid in cids))
+        raws = connect_many("127.0.0.1", self.server.port, (f"/?cid={cid}" for cid in cids))
         self.tracker.wait(lambda: all(cid in self.tracker.ctxs for cid in cids), "on_open")
         self.batches += 1
         models = []
@@ -277,7 +279,7 @@ class ClientsMachine(RuleBasedStateMachine):
             seen = []
 
             def on_frame(frame, model=model, marker=marker, seen=seen):
-                if frame == (TEXT, marker):
+                if (frame.opcode, frame.payload) == (TEXT, marker):
                     seen.append(frame)
                 else:
                     model.on_frame(frame)
@@ -310,7 +312,7 @@ def test_refused_clients_do_not_hold_capacity(make_server):
     tracker = Tracker()
     server = make_server(tracker.block, max_connections=3, ping_interval=None)
     port = server.port
-    members = connect_many(port, (f"/?cid=m{i}" for i in range(3)))
+    members = connect_many("127.0.0.1", port, (f"/?cid=m{i}" for i in range(3)))
     tracker.wait(lambda: len(tracker.ctxs) == 3, "three clients to open")
     refused = []
     try:
@@ -319,7 +321,7 @@ def test_refused_clients_do_not_hold_capacity(make_server):
             # as a client on a slow network would.
             sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
             refused.append(sock)
-            sock.sendall(request_bytes(port, path))
+            sock.sendall(handshake_request(path, host=f"127.0.0.1:{port}"))
             answer = b""
             while b"\r\n\r\n" not in answer:
                 chunk = sock.recv(4096)
@@ -334,7 +336,7 @@ def test_refused_clients_do_not_hold_capacity(make_server):
         assert len(server.clients) == 2
         # Two connections are open out of three allowed: there is room.
         try:
-            newcomer = RawClient.connect(port, "/?cid=newcomer")
+            newcomer = RawPeer.open("127.0.0.1", port, "/?cid=newcomer")
         except ConnectionError as exc:
             pytest.fail(f"refused with 2 of 3 connections open, as if the clients refused "
                         f"before still counted: {exc}")
