@@ -73,6 +73,10 @@ class ServerSpec:
     optional: bool = False
     proto: str = "ws"
     cannot: Dict[str, str] = field(default_factory=dict)  # scenario -> why not
+    # servers.py's name for it (default: name), and a tree put first on the
+    # import path: --baseline runs another checkout's gaman_sync.
+    script: Optional[str] = None
+    pythonpath: Optional[str] = None
 
 
 _SMALL_ECHO_ONLY = {key: "small-message echo only" for key in (
@@ -141,9 +145,13 @@ class Server:
         self.spec = spec
         self.log_path = os.path.join(log_dir, f"{spec.name}.log")
         log = open(self.log_path, "ab")
+        env = None
+        if spec.pythonpath:
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+                p for p in (spec.pythonpath, os.environ.get("PYTHONPATH")) if p))
         self.proc = subprocess.Popen(
-            [sys.executable, SERVERS_PY, spec.name], stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=log, start_new_session=True)
+            [sys.executable, SERVERS_PY, spec.script or spec.name], stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=log, start_new_session=True, env=env)
         log.close()
         self.pid = self.proc.pid
         line = _readline_with_timeout(self.proc.stdout, 30.0)
@@ -804,6 +812,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--idle-conns", type=int, help="default 10000 (--quick 5000)")
     parser.add_argument("--mass-conns", type=int, help="default 5000 (--quick 2000)")
     parser.add_argument("--json", metavar="FILE", help="also write every run's numbers here")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="also run the gaman_sync of another checkout (e.g. a git "
+                             "worktree of the previous commit, with its C helper built), as "
+                             "'gaman_sync-baseline': before and after in the same run")
     parser.add_argument("--readme", action="store_true",
                         help="put the table into benchmarks/README.rst")
     parser.add_argument("--from-json", metavar="FILE",
@@ -832,6 +844,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("the load generator needs Node and ws: npm install --prefix benchmarks")
 
     specs = list(SERVER_SPECS)
+    if args.baseline:
+        if not os.path.isdir(os.path.join(args.baseline, "gaman_sync")):
+            parser.error(f"--baseline: no gaman_sync package in {args.baseline}")
+        specs.insert(1, ServerSpec("gaman_sync-baseline", "gaman_sync (baseline)", "gaman_sync",
+                                   script="gaman_sync",
+                                   pythonpath=os.path.abspath(args.baseline)))
     if args.servers:
         wanted = args.servers.split(",")
         unknown = set(wanted) - {s.name for s in specs}
