@@ -130,3 +130,54 @@ def test_cli_help_and_bad_target():
     out = subprocess.run([sys.executable, "-m", "gaman_sync", "examples.chat:nothing"],
                          cwd=ROOT, capture_output=True, text=True, timeout=WAIT)
     assert out.returncode == 2 and "cannot load" in out.stderr
+
+
+def test_command_line_client_sends_lines_and_prints_answers(make_server):
+    """examples/client.py in a subprocess against an echo server: each line
+    of stdin goes out, each answer is printed, EOF closes with 1000; no URL
+    is a usage error."""
+    import queue
+
+    from gaman_sync import define_block
+
+    from .conftest import Recorder
+
+    closes = Recorder()
+    block = define_block("/echo", lambda ctx: {
+        "on_message": ctx.send,
+        "on_close": lambda code, reason: closes.add("close", code, reason)})
+    server = make_server(block)
+
+    out = subprocess.run([sys.executable, "examples/client.py"], cwd=ROOT, stdin=subprocess.DEVNULL,
+                         capture_output=True, text=True, timeout=WAIT)
+    assert out.returncode == 2 and "usage:" in out.stderr and "url" in out.stderr
+    assert "Traceback" not in out.stderr
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "examples/client.py",
+                             f"ws://127.0.0.1:{server.port}/echo"],
+                            cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, encoding="utf-8")
+    lines: "queue.Queue[str]" = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout],
+                              daemon=True)
+    reader.start()
+    try:
+        for sent in ["hello", "second line", "ünïcode ✓"]:
+            proc.stdin.write(sent + "\n")
+            proc.stdin.flush()
+            assert lines.get(timeout=WAIT) == sent + "\n"
+        proc.stdin.close()  # EOF: the client closes with 1000 and exits
+        assert proc.wait(timeout=WAIT) == 0
+        reader.join(WAIT)
+        assert lines.empty()
+        err = proc.stderr.read()
+        assert "Traceback" not in err, err
+        assert closes.wait_kind("close")[0][1] == 1000
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(WAIT)
+        reader.join(WAIT)
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            stream.close()

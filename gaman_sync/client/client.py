@@ -17,24 +17,42 @@ Two ways to consume messages:
 - without, messages wait in a queue for :meth:`ClientConnection.recv` (or a
   ``for`` loop). When ``max_queue`` messages wait, the connection's thread
   stops reading, so a fast server is slowed by TCP, not by our memory.
+
+A message handed straight to a ``recv()`` that was waiting for it keeps the
+order a handler would give: the connection's thread handles nothing after
+it (no later frame, no close, no protocol error) until the application has
+come back, by calling ``recv``, ``send``, ``ping``, ``close`` or
+``terminate`` again, or for at most ``_HANDOFF_WAIT`` seconds. So an answer
+to a message goes out before whatever the server sent after it can close
+the connection: an echo is sent before the close frame of a protocol error
+in the next frame, as a server's ``on_message`` would send it (Autobahn
+3.2, 4.1.3, 5.15 and the like check exactly this). Messages that arrive
+while the application is busy elsewhere are queued without waiting.
 """
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
 from collections import deque
-from typing import Any, Deque, Iterator, Mapping, Optional, Sequence, Tuple, Union
+from dataclasses import fields
+from typing import (Any, Deque, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple,
+                    Union)
 from urllib.parse import urlsplit
 
 from ..connection import Connection, HandlerLike, WebSocketHandler, as_handler
-from ..exceptions import HandshakeTimeout, InvalidURI, closed_error
+from ..exceptions import ConnectionClosedOK, HandshakeTimeout, InvalidURI, closed_error
 from ..io import PlainTransport, Runtime
 from ..options import SERVER_ONLY, Options
 from ..protocol import ClientHandshake, Protocol, Response, Side
 
 __all__ = ["connect", "ClientConnection"]
+
+# Seconds the connection's thread waits, after handing a message to a waiting
+# recv(), for the application to come back (see the module's docstring).
+_HANDOFF_WAIT = 1.0
 
 _runtime: Optional[Runtime] = None
 _runtime_lock = threading.Lock()
@@ -57,7 +75,7 @@ class ClientConnection(Connection):
     """
 
     __slots__ = ("response", "subprotocol", "url", "_messages", "_max_queue", "_arrived",
-                 "_has_handler", "_done")
+                 "_has_handler", "_done", "_receivers", "_comebacks", "_handing")
 
     def __init__(self, transport: PlainTransport, protocol: Protocol, runtime: Runtime,
                  options: Options, url: str, response: Response, subprotocol: Optional[str],
@@ -73,6 +91,9 @@ class ClientConnection(Connection):
         self._max_queue = max_queue
         self._arrived = threading.Condition(threading.Lock())
         self._done = threading.Event()
+        self._receivers = 0    # threads waiting in recv()
+        self._comebacks = 0    # counts the application's calls after a message
+        self._handing = False  # the connection's thread waits for the next one
         if handler is None:
             handler = WebSocketHandler(on_message=self._enqueue)
         super().__init__(transport, protocol, runtime, options,
@@ -86,8 +107,31 @@ class ClientConnection(Connection):
             while len(self._messages) >= self._max_queue and self.is_open:
                 # Stop reading until recv() makes room: TCP holds the server.
                 self._arrived.wait(1.0)
+            handed = self._receivers > 0 and not self._messages
             self._messages.append(message)
             self._arrived.notify_all()
+            if not handed:
+                return
+            # A recv() takes it now: wait for the application to come back
+            # before handling what follows (see the module's docstring).
+            comebacks = self._comebacks
+            deadline = time.monotonic() + _HANDOFF_WAIT
+            self._handing = True
+            try:
+                while self._comebacks == comebacks and self.is_open:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._arrived.wait(remaining)
+            finally:
+                self._handing = False
+
+    def _came_back(self) -> None:
+        """The application acts again: the connection's thread may go on."""
+        if self._handing:
+            with self._arrived:
+                self._comebacks += 1
+                self._arrived.notify_all()
 
     def recv(self, timeout: Optional[float] = None) -> Union[str, bytes]:
         """The next message: ``str`` for text, ``bytes`` for binary.
@@ -103,13 +147,20 @@ class ClientConnection(Connection):
                                "its messages go to on_message")
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._arrived:
+            self._comebacks += 1
+            if self._handing:
+                self._arrived.notify_all()  # the connection's thread may go on
             while not self._messages:
                 if self._done.is_set():
                     raise closed_error(self.close_code, self.close_reason)
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"no message in {timeout} s")
-                self._arrived.wait(remaining)
+                self._receivers += 1
+                try:
+                    self._arrived.wait(remaining)
+                finally:
+                    self._receivers -= 1
             message = self._messages.popleft()
             self._arrived.notify_all()
             return message
@@ -119,14 +170,36 @@ class ClientConnection(Connection):
         loop, any other raises :class:`~gaman_sync.ConnectionClosedError`."""
         while True:
             try:
-                yield self.recv()
-            except ConnectionError:  # pragma: no cover - not raised by recv
-                raise
-            except Exception as exc:
-                from ..exceptions import ConnectionClosedOK
-                if isinstance(exc, ConnectionClosedOK):
-                    return
-                raise
+                message = self.recv()
+            except ConnectionClosedOK:
+                return
+            yield message
+
+    # -- Sending -----------------------------------------------------------------
+
+    def send(self, message: Any, timeout: Optional[float] = None) -> None:
+        try:
+            super().send(message, timeout)
+        finally:
+            self._came_back()
+
+    send.__doc__ = Connection.send.__doc__
+
+    def ping(self, data: Union[bytes, str] = b"") -> None:
+        try:
+            super().ping(data)
+        finally:
+            self._came_back()
+
+    ping.__doc__ = Connection.ping.__doc__
+
+    def terminate(self) -> None:
+        try:
+            super().terminate()
+        finally:
+            self._came_back()
+
+    terminate.__doc__ = Connection.terminate.__doc__
 
     # -- Closing ---------------------------------------------------------------
 
@@ -134,7 +207,10 @@ class ClientConnection(Connection):
         """Close the connection and wait (up to about ``close_timeout``) until it
         is closed: the closing handshake done and TCP closed by the server.
         From a callback of this connection, starts the close and returns."""
-        super().close(code, reason)
+        try:
+            super().close(code, reason)
+        finally:
+            self._came_back()
         if threading.current_thread() is not self.thread:
             self.wait_closed()
 
@@ -166,6 +242,70 @@ class ClientConnection(Connection):
             self.wait_closed()
 
 
+# RFC 7230 3.2.6: header names and subprotocols are tokens; header values
+# and request targets never hold control characters (CR and LF above all).
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _check_arguments(subprotocols: Any, headers: Any, origin: Any, open_timeout: Any,
+                     handler: Any, max_queue: Any
+                     ) -> Tuple[List[str], List[Tuple[str, str]]]:
+    """Check connect()'s own arguments before any I/O; return the
+    subprotocols and the extra headers as lists."""
+    if isinstance(subprotocols, (str, bytes)) or not isinstance(subprotocols, Iterable):
+        raise TypeError(f"subprotocols must be a list of str, not {subprotocols!r}")
+    offered = list(subprotocols)
+    for subprotocol in offered:
+        if not isinstance(subprotocol, str):
+            raise TypeError(f"subprotocols must be a list of str; it holds {subprotocol!r}")
+        if not _TOKEN.match(subprotocol):
+            raise ValueError(f"subprotocols: {subprotocol!r} is not a valid subprotocol name "
+                             "(an HTTP token: no spaces, commas or control characters)")
+    if headers is None:
+        pairs: List[Tuple[str, str]] = []
+    elif isinstance(headers, Mapping):
+        pairs = list(headers.items())
+    elif isinstance(headers, (str, bytes)) or not isinstance(headers, Iterable):
+        raise TypeError(f"headers must be a dict or a list of (name, value) pairs of str, "
+                        f"not {headers!r}")
+    else:
+        pairs = []
+        for pair in headers:
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise TypeError(f"headers must be a dict or a list of (name, value) pairs of "
+                                f"str; it holds {pair!r}")
+            pairs.append((pair[0], pair[1]))
+    for name, value in pairs:
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise TypeError(f"headers: name and value must be str, not {name!r}: {value!r}")
+        if not _TOKEN.match(name):
+            raise ValueError(f"headers: {name!r} is not a valid header name")
+        if _CONTROL.search(value):
+            raise ValueError(f"headers: the value of {name!r} holds a control character "
+                             f"(CR, LF, ...): {value!r}")
+    if origin is not None:
+        if not isinstance(origin, str):
+            raise TypeError(f"origin must be a str or None, not {origin!r}")
+        if _CONTROL.search(origin):
+            raise ValueError(f"origin holds a control character: {origin!r}")
+    if open_timeout is not None:
+        if isinstance(open_timeout, bool) or not isinstance(open_timeout, (int, float)):
+            raise TypeError(f"open_timeout must be a positive number of seconds or None, "
+                            f"not {open_timeout!r}")
+        if not 0 < open_timeout < float("inf"):
+            raise ValueError(f"open_timeout must be a positive number of seconds or None, "
+                             f"not {open_timeout!r}")
+    if isinstance(max_queue, bool) or not isinstance(max_queue, int):
+        raise TypeError(f"max_queue must be a positive int, not {max_queue!r}")
+    if max_queue < 1:
+        raise ValueError(f"max_queue must be a positive int, not {max_queue!r}")
+    if handler is not None and not isinstance(handler, (WebSocketHandler, Mapping)):
+        raise TypeError(f"handler must be a WebSocketHandler, a dict of callbacks or None, "
+                        f"not {handler!r}")
+    return offered, pairs
+
+
 def _parse_url(url: str) -> Tuple[str, int, str, str]:
     """(host, port, request target, Host header) of a ``ws://`` URL."""
     if not isinstance(url, str):
@@ -186,6 +326,9 @@ def _parse_url(url: str) -> Tuple[str, int, str, str]:
     host = parts.hostname
     port = port if port is not None else 80
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    if _CONTROL.search(target) or " " in target:
+        raise InvalidURI(f"{url!r}: the path holds spaces or control characters; "
+                         "percent-encode them")
     netloc_host = f"[{host}]" if ":" in host else host
     host_header = netloc_host if port == 80 else f"{netloc_host}:{port}"
     return host, port, target, host_header
@@ -213,19 +356,18 @@ def connect(url: str, *, subprotocols: Sequence[str] = (),
     server_only = sorted(SERVER_ONLY & set(options))
     if server_only:
         raise TypeError(f"{', '.join(server_only)}: server option(s), not for connect()")
+    known = sorted({f.name for f in fields(Options)} - SERVER_ONLY)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise TypeError(f"connect() got unknown argument(s) {', '.join(unknown)}; its options "
+                        f"are {known}")
     opts = Options.from_kwargs(options)
-    if isinstance(subprotocols, (str, bytes)):
-        raise TypeError(f"subprotocols must be a list of str, not {subprotocols!r}")
-    if not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 1:
-        raise ValueError(f"max_queue must be a positive int, not {max_queue!r}")
-    if open_timeout is not None and (isinstance(open_timeout, bool) or not isinstance(
-            open_timeout, (int, float)) or open_timeout <= 0):
-        raise ValueError(f"open_timeout must be a positive number of seconds or None, "
-                         f"not {open_timeout!r}")
-    extra = list(headers.items()) if isinstance(headers, Mapping) else list(headers or ())
+    offered, extra = _check_arguments(subprotocols, headers, origin, open_timeout, handler,
+                                      max_queue)
     callbacks = as_handler(handler) if handler is not None else None
     host, port, target, host_header = _parse_url(url)
-    handshake = ClientHandshake(host_header, target, subprotocols, extra, origin)
+    handshake = ClientHandshake(host_header, target, offered, extra, origin)
+    request = handshake.request()  # before any I/O: h11 checks what is left
 
     deadline = None if open_timeout is None else time.monotonic() + open_timeout
     try:
@@ -239,7 +381,7 @@ def connect(url: str, *, subprotocols: Sequence[str] = (),
     try:
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.sendall(handshake.request())
+        sock.sendall(request)
         while True:
             if deadline is not None:
                 remaining = deadline - time.monotonic()

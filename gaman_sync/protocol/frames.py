@@ -75,11 +75,13 @@ _MASK_BIT = 0x80
 
 
 def mask_payload(payload: Union[bytes, bytearray, memoryview], key: bytes) -> bytes:
-    """``payload`` XORed with the 4-byte ``key`` (RFC 6455 5.3)."""
+    """``payload`` XORed with the 4-byte ``key`` (RFC 6455 5.3): a new
+    ``bytearray`` with the C helper (no second copy into ``bytes``: the
+    write path takes any buffer), ``bytes`` without."""
     if xor_mask is not None:
         out = bytearray(payload)
         xor_mask(out, key)
-        return bytes(out)
+        return out  # type: ignore[return-value]
     n = len(payload)
     if not n:
         return b""

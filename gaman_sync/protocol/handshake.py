@@ -211,6 +211,11 @@ class ClientHandshake:
             try:
                 event = self._h11.next_event()
             except h11.RemoteProtocolError as exc:
+                if not data:  # h11 reports the end of the stream as an error
+                    if self._headers is not None:
+                        self._refused()  # the body of a refusal, cut short: enough
+                    raise InvalidMessage("the server closed the connection before answering "
+                                         "the opening handshake") from None
                 raise InvalidMessage(f"the server's answer is not valid HTTP: "
                                      f"{str(exc)[:80]}") from None
             if event is h11.NEED_DATA:
