@@ -13,10 +13,17 @@ log = logging.getLogger("examples.basic")
 def websocket(ctx):
     log.info("Connected clients: %s", ctx.server.clients)
 
+    def on_message(message):
+        # str for a text message, bytes for a binary one: answer in kind.
+        log.info("Received message: %s", message)
+        if isinstance(message, bytes):
+            ctx.send(b"Echo: " + message)
+        else:
+            ctx.send("Echo: " + message)
+
     return WebSocketHandler(
         on_open=lambda: log.info("Connection opened"),
-        on_message=lambda message: (log.info("Received message: %s", message),
-                                    ctx.send("Echo: " + message)),
+        on_message=on_message,
         on_close=lambda code, reason: log.info("Connection closed. Code: %s, Reason: %s",
                                                code, reason),
         on_error=lambda error: log.error("WebSocket error: %s", error),
