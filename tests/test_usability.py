@@ -1,10 +1,9 @@
 """Issue 9, "What a new user hits": one test per item, each failing before
 the fix, on real sockets on 127.0.0.1 (port 0).
 
-The tests use only the public names of ``gaman_sync`` (and the raw client of
-``tests/wsclient.py``), so that they run unchanged against the code of
-before the restructure. Programs that must exit, or be signalled, run in a
-subprocess with the package under test (the one this file imports).
+The clients are the raw peer of :mod:`gaman_sync.testing.raw`. Programs that
+must exit, or be signalled, run in a subprocess with the package under test
+(the one this file imports).
 """
 
 from __future__ import annotations
@@ -13,9 +12,6 @@ import logging
 import os
 import re
 import signal
-import socket
-import struct
-import base64
 import subprocess
 import sys
 import textwrap
@@ -27,154 +23,18 @@ from typing import Any, List, Optional
 import pytest
 
 import gaman_sync
-from gaman_sync import (ConnectionClosed, WebSocketHandler, WebSocketServer, define_block)
+from gaman_sync import ConnectionClosed, WebSocketServer, define_block
+from gaman_sync.testing.raw import BINARY, CLOSE, TEXT, Frame, RawPeer, frame, parse_close
 
+from .conftest import WAIT
 
-WAIT = 10.0
-TEXT, BINARY, CLOSE, PING, PONG = 0x1, 0x2, 0x8, 0x9, 0xA
 # The checkout of the package under test: examples/ and README.rst are there.
 ROOT = Path(gaman_sync.__file__).resolve().parent.parent
 PYTHON = sys.executable
 
 
-# -- A raw client of its own (the shared test clients move between versions) ---
-
-
-def request_bytes(port: int, path: str) -> bytes:
-    key = base64.b64encode(os.urandom(16)).decode()
-    return (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n").encode("ascii")
-
-
-def encode_frame(opcode: int, payload: bytes = b"") -> bytes:
-    """A masked client frame (payloads under 64 KiB)."""
-    mask = os.urandom(4)
-    length = len(payload)
-    header = (struct.pack("!BB", 0x80 | opcode, 0x80 | length) if length < 126
-              else struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, length))
-    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
-def parse_close(payload: bytes) -> tuple:
-    if len(payload) < 2:
-        return None, ""
-    return struct.unpack("!H", payload[:2])[0], payload[2:].decode("utf-8")
-
-
-class RawClient:
-    """One client on a blocking socket: whole frames in, (opcode, payload) out."""
-
-    def __init__(self, sock: socket.socket, name: str = "") -> None:
-        self.sock = sock
-        self.name = name
-        self.buf = b""
-        self.eof = False
-        self.answer_close = True
-        self.close_sent = False
-
-    @classmethod
-    def connect(cls, port: int, path: str = "/") -> "RawClient":
-        sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
-        sock.sendall(request_bytes(port, path))
-        client = cls(sock, path)
-        client.finish_handshake()
-        return client
-
-    def finish_handshake(self) -> None:
-        self.sock.settimeout(WAIT)
-        while b"\r\n\r\n" not in self.buf:
-            chunk = self.sock.recv(4096)
-            if not chunk:
-                raise ConnectionError(f"{self.name}: closed during the handshake: {self.buf!r}")
-            self.buf += chunk
-        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
-        if not head.startswith(b"HTTP/1.1 101"):
-            raise ConnectionError(f"{self.name}: handshake refused: {head!r}")
-
-    def send_frame(self, opcode: int, payload: bytes = b"") -> None:
-        self.sock.sendall(encode_frame(opcode, payload))
-
-    def send_text(self, text: str) -> None:
-        self.send_frame(TEXT, text.encode("utf-8"))
-
-    def send_close(self, code: int = 1000, reason: str = "") -> None:
-        if not self.close_sent:
-            self.close_sent = True
-            self.send_frame(CLOSE, struct.pack("!H", code) + reason.encode("utf-8"))
-
-    def _frames(self) -> List[tuple]:
-        frames = []
-        while len(self.buf) >= 2:
-            length, start = self.buf[1] & 0x7F, 2
-            if length == 126:
-                if len(self.buf) < 4:
-                    break
-                length, start = struct.unpack("!H", self.buf[2:4])[0], 4
-            elif length == 127:
-                if len(self.buf) < 10:
-                    break
-                length, start = struct.unpack("!Q", self.buf[2:10])[0], 10
-            if len(self.buf) < start + length:
-                break
-            frames.append((self.buf[0] & 0x0F, self.buf[start:start + length]))
-            self.buf = self.buf[start + length:]
-        return frames
-
-    def read_until(self, done, on_frame, timeout: float = WAIT) -> None:
-        """Read frames into ``on_frame`` until ``done()``; answer pings and closes."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for opcode, payload in self._frames():
-                if opcode == PING:
-                    self.send_frame(PONG, payload)
-                elif opcode == CLOSE and self.answer_close:
-                    code = parse_close(payload)[0]
-                    self.send_close(1000 if code is None else code)
-                on_frame((opcode, payload))
-            if done():
-                return
-            if self.eof:
-                raise ConnectionError(f"{self.name}: closed while reading")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"{self.name}: timed out reading")
-            self.sock.settimeout(remaining)
-            try:
-                data = self.sock.recv(65536)
-            except socket.timeout:
-                raise TimeoutError(f"{self.name}: timed out reading") from None
-            except ConnectionResetError:
-                data = b""
-            if not data:
-                self.eof = True
-            self.buf += data
-
-    def read_to_eof(self, on_frame=lambda f: None, timeout: float = WAIT) -> None:
-        try:
-            self.read_until(lambda: self.eof, on_frame, timeout)
-        except ConnectionError:
-            if not self.eof:
-                raise
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-@pytest.fixture
-def servers():
-    """``servers(blocks, **options)``: a started server on port 0, shut down after."""
-    made: List[WebSocketServer] = []
-
-    def factory(blocks: Any, **options: Any) -> WebSocketServer:
-        server = WebSocketServer(blocks, host="127.0.0.1", port=0, **options)
-        made.append(server)
-        server.start()
-        return server
-
-    yield factory
-    for server in made:
-        server.shutdown(timeout=2)
+def _connect(port: int, path: str = "/") -> RawPeer:
+    return RawPeer.open("127.0.0.1", port, path, timeout=WAIT)
 
 
 def _wait(predicate, timeout: float = WAIT, what: str = "a condition") -> None:
@@ -185,11 +45,17 @@ def _wait(predicate, timeout: float = WAIT, what: str = "a condition") -> None:
         time.sleep(0.01)
 
 
-def _frames_until_close(client: RawClient, timeout: float = WAIT) -> List[tuple]:
-    """Every frame up to and including the server's close frame."""
-    frames: List[tuple] = []
-    client.read_until(lambda: any(op == CLOSE for op, _ in frames), frames.append, timeout)
+def _frames_until_close(peer: RawPeer, timeout: float = WAIT) -> List[Frame]:
+    """Every frame up to and including the endpoint's close frame, answering
+    pings and echoing the close (unless the peer's ``answer_close`` is off)."""
+    frames: List[Frame] = []
+    peer.read_until(lambda: any(f.opcode == CLOSE for f in frames), frames.append, timeout)
     return frames
+
+
+def _data(got: List[tuple]):
+    """An ``on_frame`` that appends each frame to ``got`` as (opcode, payload)."""
+    return lambda f: got.append((f.opcode, f.payload))
 
 
 def _env() -> dict:
@@ -235,7 +101,7 @@ def _read_line(stream, pattern: str, timeout: float = WAIT) -> str:
 # -- Serious ------------------------------------------------------------------
 
 
-def test_serious_1_clients_holds_only_open_connections(servers):
+def test_serious_1_clients_holds_only_open_connections(make_server):
     """A connection leaves ``clients`` the moment its close starts (here a
     ``close(4000)`` the peer never answers); a loop over ``clients`` then
     reaches every open client, and ``broadcast`` agrees with ``clients``.
@@ -247,9 +113,9 @@ def test_serious_1_clients_holds_only_open_connections(servers):
         conns[ctx.id] = ctx
         return {}
 
-    server = servers(define_block("/", handler))
+    server = make_server(define_block("/", handler))
     view = server.blocks[0]
-    clients = [RawClient.connect(server.port, "/") for _ in range(3)]
+    clients = [_connect(server.port, "/") for _ in range(3)]
     try:
         _wait(lambda: len(view.clients) == 3, what="three clients")
         first, middle, last = sorted(conns)
@@ -266,14 +132,14 @@ def test_serious_1_clients_holds_only_open_connections(servers):
         assert view.broadcast("broadcast") == 2  # no raise; the closing client skipped
         for client in (clients[0], clients[2]):
             got: List[tuple] = []
-            client.read_until(lambda: len(got) >= 2, got.append)
+            client.read_until(lambda: len(got) >= 2, _data(got))
             assert got == [(TEXT, b"to the open ones"), (TEXT, b"broadcast")]
     finally:
         for client in clients:
             client.close()
 
 
-def test_serious_2_a_client_closed_by_its_handler_receives_no_broadcast(servers):
+def test_serious_2_a_client_closed_by_its_handler_receives_no_broadcast(make_server):
     """A handler that checks a token (0.1 s) and refuses with 4001: the
     broadcasts sent meanwhile never reach that client."""
     def handler(ctx):
@@ -281,22 +147,20 @@ def test_serious_2_a_client_closed_by_its_handler_receives_no_broadcast(servers)
         ctx.close(4001, "bad token")
         return {}
 
-    server = servers(define_block("/", handler))
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=WAIT)
+    server = make_server(define_block("/", handler))
+    client = RawPeer.start("127.0.0.1", server.port, "/", timeout=WAIT, name="refused")
     try:
-        sock.sendall(request_bytes(server.port, "/"))
         deadline = time.monotonic() + 0.4
         while time.monotonic() < deadline:  # broadcasts all through the handler
             server.broadcast("for authenticated clients")
             time.sleep(0.01)
-        client = RawClient(sock, "refused")
         client.finish_handshake()
         client.answer_close = False
         frames = _frames_until_close(client)
-        assert [op for op, _ in frames] == [CLOSE], frames
-        assert parse_close(frames[-1][1]) == (4001, "bad token")
+        assert [f.opcode for f in frames] == [CLOSE], frames
+        assert parse_close(frames[-1].payload) == (4001, "bad token")
     finally:
-        sock.close()
+        client.close()
 
 
 def test_serious_3_ports_above_65535_are_refused():
@@ -354,7 +218,7 @@ def test_errors_1_options_of_the_wrong_type_name_the_option():
         WebSocketServer(block, port=0, max_message_size=2.5)
 
 
-def test_errors_2a_close_with_a_bytes_reason_is_a_clear_type_error(servers):
+def test_errors_2a_close_with_a_bytes_reason_is_a_clear_type_error(make_server):
     errors: List[BaseException] = []
 
     def handler(ctx):
@@ -366,8 +230,8 @@ def test_errors_2a_close_with_a_bytes_reason_is_a_clear_type_error(servers):
             ctx.close(1000, "done")
         return {"on_open": on_open}
 
-    server = servers(define_block("/", handler))
-    client = RawClient.connect(server.port, "/")
+    server = make_server(define_block("/", handler))
+    client = _connect(server.port, "/")
     try:
         _frames_until_close(client)
     finally:
@@ -376,7 +240,7 @@ def test_errors_2a_close_with_a_bytes_reason_is_a_clear_type_error(servers):
     assert "reason" in str(errors[0]) and "str" in str(errors[0])
 
 
-def test_errors_2b_broadcast_excludes_a_connection_by_id(servers):
+def test_errors_2b_broadcast_excludes_a_connection_by_id(make_server):
     errors: List[BaseException] = []
 
     def handler(ctx):
@@ -388,18 +252,18 @@ def test_errors_2b_broadcast_excludes_a_connection_by_id(servers):
                 ctx.server.broadcast("failed")
         return {"on_message": on_message}
 
-    server = servers(define_block("/", handler))
-    sender = RawClient.connect(server.port, "/")
-    other = RawClient.connect(server.port, "/")
+    server = make_server(define_block("/", handler))
+    sender = _connect(server.port, "/")
+    other = _connect(server.port, "/")
     try:
         _wait(lambda: len(server.clients) == 2, what="two clients")
         sender.send_text("hello")
         got: List[tuple] = []
-        other.read_until(lambda: bool(got), got.append)
+        other.read_until(lambda: bool(got), _data(got))
         assert got == [(TEXT, b"hello")]
         sender.send_close(1000)
         frames = _frames_until_close(sender)
-        assert [op for op, _ in frames] == [CLOSE]  # the sender was excluded
+        assert [f.opcode for f in frames] == [CLOSE]  # the sender was excluded
     finally:
         sender.close()
         other.close()
@@ -485,11 +349,11 @@ def test_embedding_1_wait_for_shutdown_request_ends_a_loop_on_sigterm(tmp_path):
     client = None
     try:
         port = int(proc.stdout.readline())
-        client = RawClient.connect(port, "/")
+        client = _connect(port, "/")
         time.sleep(0.2)                  # the loop runs meanwhile
         proc.send_signal(signal.SIGTERM)
         frames = _frames_until_close(client)
-        assert parse_close(frames[-1][1])[0] == 1001
+        assert parse_close(frames[-1].payload)[0] == 1001
         code, out, err = _finish(proc)
         assert (code, out.strip()) == (0, "done True"), err
     finally:
@@ -515,12 +379,12 @@ def test_embedding_2_exit_hook_closes_clients_with_1001(tmp_path):
     client = None
     try:
         port = int(proc.stdout.readline())
-        client = RawClient.connect(port, "/")
+        client = _connect(port, "/")
         proc.stdin.write("go\n")
         proc.stdin.flush()
-        frames: List[tuple] = []
+        frames: List[Frame] = []
         client.read_to_eof(frames.append)
-        closes = [parse_close(p) for op, p in frames if op == CLOSE]
+        closes = [parse_close(f.payload) for f in frames if f.opcode == CLOSE]
         assert closes and closes[0][0] == 1001, (frames, proc.stderr.read())
         code, _, err = _finish(proc)
         assert code == 0, err
@@ -531,7 +395,7 @@ def test_embedding_2_exit_hook_closes_clients_with_1001(tmp_path):
         _finish(proc)
 
 
-def test_embedding_3a_shutdown_timeout_is_an_option_and_on_close_still_runs(servers):
+def test_embedding_3a_shutdown_timeout_is_an_option_and_on_close_still_runs():
     """``shutdown_timeout`` bounds ``shutdown()`` with a callback stuck in a
     connection; that connection's ``on_close`` runs once the callback
     returns, the others' during the shutdown."""
@@ -549,8 +413,8 @@ def test_embedding_3a_shutdown_timeout_is_an_option_and_on_close_still_runs(serv
     server = WebSocketServer(define_block("/", handler), host="127.0.0.1", port=0,
                              shutdown_timeout=0.5)
     server.start()
-    stuck = RawClient.connect(server.port, "/")
-    idle = RawClient.connect(server.port, "/")
+    stuck = _connect(server.port, "/")
+    idle = _connect(server.port, "/")
     try:
         _wait(lambda: len(server.clients) == 2, what="two clients")
         stuck.send_text("block")
@@ -593,7 +457,7 @@ def test_embedding_3b_a_second_sigint_ends_at_once_with_status_130(tmp_path):
     try:
         line = _read_line(proc.stderr, r"listening on")
         port = int(re.search(r":(\d+)", line.split("listening on", 1)[1]).group(1))
-        client = RawClient.connect(port, "/")
+        client = _connect(port, "/")
         client.send_text("sleep")
         _read_line(proc.stderr, "sleeping")
         proc.send_signal(signal.SIGINT)
@@ -619,7 +483,7 @@ def _records(caplog) -> List[logging.LogRecord]:
     return [r for r in caplog.records if r.name.startswith("gaman_sync")]
 
 
-def test_noise_1_a_user_on_error_silences_the_library_traceback(servers, caplog):
+def test_noise_1_a_user_on_error_silences_the_library_traceback(make_server, caplog):
     caplog.set_level(logging.DEBUG, logger="gaman_sync")
     errors: List[BaseException] = []
 
@@ -628,8 +492,8 @@ def test_noise_1_a_user_on_error_silences_the_library_traceback(servers, caplog)
             raise ValueError("bad input")
         return {"on_message": on_message, "on_error": errors.append}
 
-    server = servers(define_block("/", handler))
-    client = RawClient.connect(server.port, "/")
+    server = make_server(define_block("/", handler))
+    client = _connect(server.port, "/")
     try:
         client.send_text("x")
         _wait(lambda: errors, what="on_error")
@@ -642,7 +506,7 @@ def test_noise_1_a_user_on_error_silences_the_library_traceback(servers, caplog)
     assert not loud, [r.getMessage() for r in loud]
 
 
-def test_noise_2_messages_after_our_close_are_not_delivered(servers, caplog):
+def test_noise_2_messages_after_our_close_are_not_delivered(make_server, caplog):
     """``on_error`` raises: the close with 1011 starts, and the message that
     already arrived (in the same TCP segment) is not delivered; the log has
     one line for the event."""
@@ -660,12 +524,12 @@ def test_noise_2_messages_after_our_close_are_not_delivered(servers, caplog):
             raise RuntimeError("on_error gives up")
         return {"on_message": on_message, "on_error": on_error}
 
-    server = servers(define_block("/", handler))
-    client = RawClient.connect(server.port, "/")
+    server = make_server(define_block("/", handler))
+    client = _connect(server.port, "/")
     try:
-        client.sock.sendall(encode_frame(TEXT, b"boom") + encode_frame(TEXT, b"after"))
+        client.send(frame(TEXT, b"boom") + frame(TEXT, b"after"))
         frames = _frames_until_close(client)
-        assert parse_close(frames[-1][1])[0] == 1011
+        assert parse_close(frames[-1].payload)[0] == 1011
     finally:
         client.close()
     _wait(lambda: not server.clients, what="the connection to end")
@@ -674,11 +538,11 @@ def test_noise_2_messages_after_our_close_are_not_delivered(servers, caplog):
     assert len(errors) == 1, [r.getMessage() for r in errors]
 
 
-def test_noise_3_debug_lines_for_open_and_close_and_info_stays_quiet(servers, caplog):
+def test_noise_3_debug_lines_for_open_and_close_and_info_stays_quiet(make_server, caplog):
     caplog.set_level(logging.DEBUG, logger="gaman_sync")
-    server = servers(define_block("/room", lambda ctx: {}))
+    server = make_server(define_block("/room", lambda ctx: {}))
     caplog.clear()
-    client = RawClient.connect(server.port, "/room")
+    client = _connect(server.port, "/room")
     try:
         client.send_close(4000, "bye")
         client.read_to_eof()
@@ -697,16 +561,16 @@ def test_noise_3_debug_lines_for_open_and_close_and_info_stays_quiet(servers, ca
     assert re.search(r"\d+\.\d+ s", closed[0]), closed[0]  # the duration
 
 
-def test_noise_4_the_basic_example_handles_binary_messages(servers):
+def test_noise_4_the_basic_example_handles_binary_messages(make_server):
     from examples import basic
 
-    server = servers(basic.block)
-    client = RawClient.connect(server.port, "/")
+    server = make_server(basic.block)
+    client = _connect(server.port, "/")
     try:
         client.send_frame(BINARY, b"\x00\xff")
         client.send_text("hi")
         got: List[tuple] = []
-        client.read_until(lambda: len(got) >= 2, got.append)
+        client.read_until(lambda: len(got) >= 2, _data(got))
         assert got == [(BINARY, b"Echo: \x00\xff"), (TEXT, b"Echo: hi")]
     finally:
         client.close()
