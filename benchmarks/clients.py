@@ -35,7 +35,6 @@ parent never tells it to finish.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import functools
@@ -45,14 +44,11 @@ import inspect
 import json
 import os
 import platform
-import queue
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -60,8 +56,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 # Small helpers shared with run.py: the server process and its READY line,
 # /proc readers and the number formats of the table. Importing run.py starts
 # nothing.
-from run import (BACKGROUND, SERVER_SPECS, BenchError, Server, cpu_model, cpu_seconds,
-                 fmt_ratio, fmt_value, machine_busy)
+from run import (BACKGROUND, SERVER_SPECS, BenchError, JsonLineProcess, Server, bench_parser,
+                 busy_note, cpu_model, cpu_seconds, fmt_ratio, fmt_value, machine_busy, pick,
+                 tidy_logs)
 
 HOST = "127.0.0.1"
 REFERENCE = "websockets-sync"
@@ -285,52 +282,28 @@ def worker_env() -> Dict[str, str]:
     return env
 
 
-class Worker:
+class Worker(JsonLineProcess):
     """A ``clients.py --worker`` process; its JSON lines arrive through a
     queue, so that every wait for one has a time limit."""
+
+    name = "client"
 
     def __init__(self, config: dict, log_path: str) -> None:
         self.log_path = log_path
         log = open(log_path, "ab")
-        self.proc = subprocess.Popen(
+        proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(config)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=worker_env(),
             start_new_session=True)
         log.close()
-        self.pid = self.proc.pid
-        self.events: "queue.Queue[Optional[dict]]" = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
+        super().__init__(proc)
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            try:
-                self.events.put(json.loads(line))
-            except ValueError:
-                pass  # a library printing to stdout: not ours
-        self.events.put(None)
+    def _exit_detail(self) -> str:
+        return self._log_tail()
 
-    def send(self, line: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line.encode() + b"\n")
-        self.proc.stdin.flush()
-
-    def wait(self, event: str, timeout: float) -> dict:
-        try:
-            got = self.events.get(timeout=timeout)
-        except queue.Empty:
-            raise BenchError(f"client: no '{event}' in {timeout:.0f} s") from None
-        if got is None:
-            raise BenchError(f"client exited before '{event}': {self._log_tail()}")
-        if got.get("event") == "error":
-            lines = str(got.get("message", "")).splitlines() or ["(no message)"]
-            raise BenchError(lines[0][:300])
-        if got.get("event") != event:
-            raise BenchError(f"client: expected '{event}', got {got}")
-        return got
-
-    def cpu(self) -> float:
-        return cpu_seconds(self.pid)
+    def _error_text(self, message: str) -> str:
+        lines = str(message).splitlines() or ["(no message)"]
+        return lines[0][:300]
 
     def _log_tail(self) -> str:
         try:
@@ -346,16 +319,7 @@ class Worker:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        for stream in (self.proc.stdin, self.proc.stdout):
-            try:
-                if stream is not None:
-                    stream.close()
-            except OSError:
-                pass
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
+        self._close_streams()
 
 
 @dataclass
@@ -513,12 +477,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return worker_main(argv[1])
 
     ws_servers = [s.name for s in SERVER_SPECS if s.proto == "ws" and "echo-1mib" not in s.cannot]
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, help="rounds (default 3, --quick 1)")
-    parser.add_argument("--duration", type=float,
-                        help="seconds per timed measurement (default 2, --quick 1)")
-    parser.add_argument("--clients", help="comma-separated, from: " +
-                        ", ".join(c.name for c in CLIENT_SPECS))
+    parser = bench_parser(__doc__, "--clients", [c.name for c in CLIENT_SPECS])
     parser.add_argument("--server", default=DEFAULT_SERVER, choices=ws_servers,
                         help=f"the one server of the run (default {DEFAULT_SERVER})")
     parser.add_argument("--quick", action="store_true", help="one round of 1 s")
@@ -529,13 +488,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if rounds < 1 or duration <= 0:
         parser.error("--rounds and --duration must be positive")
 
-    specs = list(CLIENT_SPECS)
-    if args.clients:
-        wanted = args.clients.split(",")
-        unknown = set(wanted) - {c.name for c in specs}
-        if unknown:
-            parser.error(f"unknown clients: {', '.join(sorted(unknown))}")
-        specs = [c for c in specs if c.name in wanted]
+    specs = pick(parser, "clients", args.clients, CLIENT_SPECS, lambda c: c.name)
     skipped: Dict[str, str] = {}
     for spec in specs:
         why = spec.check()
@@ -569,9 +522,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         server = start_server(args.server, log_dir)
                     run = measure(spec, scenario, server, duration, log_dir, rnd)
                     results.setdefault((scenario.key, spec.name), []).append(run)
-                    extra = run.error or "; ".join(run.notes)
-                    if run.background is not None and run.background > BACKGROUND:
-                        extra += f" [machine busy elsewhere: {run.background:.1f} cores]"
+                    extra = (run.error or "; ".join(run.notes)) + busy_note(run.background)
                     print(f"[{time.monotonic() - started:5.0f} s] round {rnd + 1}/{rounds} "
                           f"{scenario.key:<10} {spec.name:<17} {fmt_value(run.value)}  "
                           f"cpu client={fmt_value(run.client_cpu)} "
@@ -592,13 +543,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               + ", ".join(f"{k} {v}" for k, v in ver.items())
               + f"; {time.monotonic() - started:.0f} s in all")
     print(render(results, specs, skipped, SCENARIOS, header))
-    logs = [(p, os.path.getsize(os.path.join(log_dir, p))) for p in sorted(os.listdir(log_dir))]
-    noisy = [f"{p} ({size} bytes)" for p, size in logs if size]
-    if noisy:
-        print(f"\nstderr of the server and clients in {log_dir}: " + ", ".join(noisy),
-              file=sys.stderr)
-    else:
-        shutil.rmtree(log_dir, ignore_errors=True)
+    tidy_logs(log_dir, "stderr of the server and clients")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"header": header, "command": command, "versions": ver,

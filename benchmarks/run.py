@@ -190,49 +190,52 @@ class Server:
             self.proc.stdout.close()
 
 
-class LoadGen:
-    """A load.js process; its JSON-line events arrive through a queue."""
+class JsonLineProcess:
+    """A child process that takes one command a line on stdin and answers
+    with JSON lines on stdout; those arrive through a queue, so that every
+    wait for one has a time limit. ``name`` begins the error messages."""
 
-    def __init__(self, config: dict) -> None:
-        self.proc = subprocess.Popen(
-            ["node", LOAD_JS, json.dumps(config)], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=HERE,
-            start_new_session=True)
-        self.pid = self.proc.pid
+    name = "process"
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        self.pid = proc.pid
         self.events: "queue.Queue[Optional[dict]]" = queue.Queue()
-        self._stderr: List[bytes] = []
         threading.Thread(target=self._read, daemon=True).start()
-        threading.Thread(target=self._read_stderr, daemon=True).start()
 
     def _read(self) -> None:
+        assert self.proc.stdout is not None
         for line in self.proc.stdout:
             try:
                 self.events.put(json.loads(line))
             except ValueError:
-                pass
+                pass  # a library printing to stdout: not ours
         self.events.put(None)
 
-    def _read_stderr(self) -> None:
-        for line in self.proc.stderr:
-            if len(self._stderr) < 50:
-                self._stderr.append(line)
-
-    def send(self, command: str) -> None:
-        self.proc.stdin.write(command.encode() + b"\n")
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line.encode() + b"\n")
         self.proc.stdin.flush()
+
+    def _exit_detail(self) -> str:
+        """What the process left on stderr, for when it exits too early."""
+        return ""
+
+    def _error_text(self, message: str) -> str:
+        """The BenchError text for an ``error`` event with ``message``."""
+        return f"{self.name}: " + message.splitlines()[0]
 
     def wait(self, event: str, timeout: float) -> dict:
         try:
             got = self.events.get(timeout=timeout)
         except queue.Empty:
-            raise BenchError(f"load generator: no '{event}' in {timeout:.0f} s") from None
+            raise BenchError(f"{self.name}: no '{event}' in {timeout:.0f} s") from None
         if got is None:
-            err = b"".join(self._stderr).decode(errors="replace").strip()
-            raise BenchError(f"load generator exited before '{event}': {err[-300:]}")
+            raise BenchError(f"{self.name} exited before '{event}': {self._exit_detail()}")
         if got.get("event") == "error":
-            raise BenchError("load generator: " + got.get("message", "").splitlines()[0])
+            raise BenchError(self._error_text(got.get("message", "")))
         if got.get("event") != event:
-            raise BenchError(f"load generator: expected '{event}', got {got}")
+            raise BenchError(f"{self.name}: expected '{event}', got {got}")
         return got
 
     def command(self, command: str, event: str, timeout: float) -> dict:
@@ -246,6 +249,37 @@ class LoadGen:
         if self.proc.poll() is None:
             self.proc.kill()
 
+    def _close_streams(self) -> None:
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            try:
+                if stream is not None:
+                    stream.close()
+            except OSError:
+                pass
+
+
+class LoadGen(JsonLineProcess):
+    """A load.js process; its JSON-line events arrive through a queue."""
+
+    name = "load generator"
+
+    def __init__(self, config: dict) -> None:
+        self._stderr: List[bytes] = []
+        super().__init__(subprocess.Popen(
+            ["node", LOAD_JS, json.dumps(config)], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=HERE,
+            start_new_session=True))
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+
+    def _read_stderr(self) -> None:
+        for line in self.proc.stderr:
+            if len(self._stderr) < 50:
+                self._stderr.append(line)
+
+    def _exit_detail(self) -> str:
+        err = b"".join(self._stderr).decode(errors="replace").strip()
+        return err[-300:]
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             try:
@@ -254,11 +288,7 @@ class LoadGen:
             except (OSError, subprocess.TimeoutExpired):
                 self.proc.kill()
         self.proc.wait()
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            try:
-                stream.close()
-            except OSError:
-                pass
+        self._close_streams()
 
 
 def _readline_with_timeout(stream, timeout: float) -> bytes:
@@ -782,6 +812,49 @@ def rerender(path: str) -> tuple:
     return render(results, specs, scens, saved["header"]), saved["command"]
 
 
+def bench_parser(doc: str, option: str, names: Sequence[str]) -> argparse.ArgumentParser:
+    """A parser with the options both benchmarks begin with: --rounds,
+    --duration and ``option``, a comma-separated choice among ``names``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, help="rounds (default 3, --quick 1)")
+    parser.add_argument("--duration", type=float,
+                        help="seconds per timed measurement (default 2, --quick 1)")
+    parser.add_argument(option, help="comma-separated, from: " + ", ".join(names))
+    return parser
+
+
+def pick(parser: argparse.ArgumentParser, what: str, names: Optional[str],
+         items: Sequence, key: Callable) -> list:
+    """The ``items`` whose ``key`` is in the comma-separated ``names``, in
+    their own order (all of them without ``names``); an unknown name is a
+    usage error."""
+    if not names:
+        return list(items)
+    wanted = names.split(",")
+    unknown = set(wanted) - {key(i) for i in items}
+    if unknown:
+        parser.error(f"unknown {what}: {', '.join(sorted(unknown))}")
+    return [i for i in items if key(i) in wanted]
+
+
+def busy_note(background: Optional[float]) -> str:
+    """The progress line's note on a machine busy with other work."""
+    if background is not None and background > BACKGROUND:
+        return f" [machine busy elsewhere: {background:.1f} cores]"
+    return ""
+
+
+def tidy_logs(log_dir: str, what: str) -> None:
+    """Name the logs in ``log_dir`` that are not empty, as ``what``; remove
+    the folder when all are."""
+    logs = [(p, os.path.getsize(os.path.join(log_dir, p))) for p in sorted(os.listdir(log_dir))]
+    noisy = [f"{p} ({size} bytes)" for p, size in logs if size]
+    if noisy:
+        print(f"\n{what} in {log_dir}: " + ", ".join(noisy), file=sys.stderr)
+    else:
+        shutil.rmtree(log_dir, ignore_errors=True)
+
+
 def update_readme(report: str, command: str) -> None:
     with open(README) as f:
         text = f.read()
@@ -798,12 +871,7 @@ def update_readme(report: str, command: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, help="rounds (default 3, --quick 1)")
-    parser.add_argument("--duration", type=float,
-                        help="seconds per timed measurement (default 2, --quick 1)")
-    parser.add_argument("--servers", help="comma-separated, from: " +
-                        ", ".join(s.name for s in SERVER_SPECS))
+    parser = bench_parser(__doc__, "--servers", [s.name for s in SERVER_SPECS])
     parser.add_argument("--scenarios", help="comma-separated, from: echo-1, echo-16, "
                         "echo-100, echo-1mib, handshakes, broadcast, memory, idle, "
                         "mass-disconnect")
@@ -850,12 +918,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         specs.insert(1, ServerSpec("gaman_sync-baseline", "gaman_sync (baseline)", "gaman_sync",
                                    script="gaman_sync",
                                    pythonpath=os.path.abspath(args.baseline)))
-    if args.servers:
-        wanted = args.servers.split(",")
-        unknown = set(wanted) - {s.name for s in specs}
-        if unknown:
-            parser.error(f"unknown servers: {', '.join(sorted(unknown))}")
-        specs = [s for s in specs if s.name in wanted]
+    specs = pick(parser, "servers", args.servers, specs, lambda s: s.name)
     for spec in list(specs):
         missing = available(spec)
         if missing:
@@ -865,13 +928,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             specs.remove(spec)
     if REFERENCE not in {s.name for s in specs}:
         print(f"{REFERENCE} is not in this run: no ratios", file=sys.stderr)
-    scens = scenarios(ctx)
-    if args.scenarios:
-        wanted = args.scenarios.split(",")
-        unknown = set(wanted) - {s.key for s in scens}
-        if unknown:
-            parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
-        scens = [s for s in scens if s.key in wanted]
+    scens = pick(parser, "scenarios", args.scenarios, scenarios(ctx), lambda s: s.key)
 
     log_dir = tempfile.mkdtemp(prefix="gaman-bench-")
     results: Dict[tuple, List[Outcome]] = {}
@@ -888,9 +945,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 shown = ", ".join(
                     f"{m.key}={'>' if m.key in outcome.atleast else ''}"
                     f"{fmt_value(outcome.values.get(m.key))}" for m in scen.metrics)
-                extra = outcome.error or "; ".join(outcome.notes)
-                if outcome.background is not None and outcome.background > BACKGROUND:
-                    extra += f" [machine busy elsewhere: {outcome.background:.1f} cores]"
+                extra = (outcome.error or "; ".join(outcome.notes)) + busy_note(outcome.background)
                 print(f"[{time.monotonic() - started:6.0f} s] round {rnd + 1}/{rounds} "
                       f"{scen.key:<15} {spec.name:<18} {shown}  "
                       f"cpu server={fmt_value(outcome.server_cpu)} "
@@ -905,12 +960,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               + f"; {time.monotonic() - started:.0f} s in all")
     report = render(results, specs, scens, header)
     print(report)
-    logs = [(p, os.path.getsize(os.path.join(log_dir, p))) for p in sorted(os.listdir(log_dir))]
-    noisy = [f"{p} ({size} bytes)" for p, size in logs if size]
-    if noisy:
-        print(f"\nserver stderr in {log_dir}: " + ", ".join(noisy), file=sys.stderr)
-    else:
-        shutil.rmtree(log_dir, ignore_errors=True)
+    tidy_logs(log_dir, "server stderr")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"header": header, "command": command, "versions": ver,
