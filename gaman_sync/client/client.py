@@ -97,7 +97,7 @@ class ClientConnection(Connection):
         if handler is None:
             handler = WebSocketHandler(on_message=self._enqueue)
         super().__init__(transport, protocol, runtime, options,
-                         transport.sock.getpeername(), handler)
+                         transport.sock.getpeername() or url, handler)
 
     # -- Receiving without a handler -----------------------------------------
 
@@ -338,8 +338,12 @@ def connect(url: str, *, subprotocols: Sequence[str] = (),
             headers: Union[Mapping[str, str], Sequence[Tuple[str, str]], None] = None,
             origin: Optional[str] = None, open_timeout: Optional[float] = 10.0,
             handler: HandlerLike = None, max_queue: int = 16,
-            **options: Any) -> ClientConnection:
+            sock: Optional[socket.socket] = None, **options: Any) -> ClientConnection:
     """Open a WebSocket connection to ``url`` (``ws://host:port/path``).
+
+    With ``sock``, an already connected socket (one end of a
+    ``socket.socketpair()`` whose other end a server adopted, say), the
+    handshake runs over it and ``url`` only names the host and the path.
 
     ``subprotocols`` are offered in order of preference; ``headers`` are
     added to the request; ``origin`` sets its ``Origin``. ``open_timeout``
@@ -370,14 +374,18 @@ def connect(url: str, *, subprotocols: Sequence[str] = (),
     request = handshake.request()  # before any I/O: h11 checks what is left
 
     deadline = None if open_timeout is None else time.monotonic() + open_timeout
-    try:
-        sock = socket.create_connection((host, port), timeout=open_timeout)
-    except socket.timeout:
-        raise HandshakeTimeout(f"could not connect to {host}:{port} in {open_timeout} s") \
-            from None
-    except OSError as exc:
-        raise type(exc)(exc.errno, f"could not connect to {host}:{port}: "
-                        f"{exc.strerror or exc}") from None
+    if sock is not None:
+        if not isinstance(sock, socket.socket):
+            raise TypeError(f"sock must be a connected socket.socket, not {sock!r}")
+    else:
+        try:
+            sock = socket.create_connection((host, port), timeout=open_timeout)
+        except socket.timeout:
+            raise HandshakeTimeout(f"could not connect to {host}:{port} in {open_timeout} s") \
+                from None
+        except OSError as exc:
+            raise type(exc)(exc.errno, f"could not connect to {host}:{port}: "
+                            f"{exc.strerror or exc}") from None
     try:
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -33,7 +33,8 @@ import logging
 import selectors
 import socket
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from collections import deque
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from ..io import nonblocking
 from ..io.waker import Waker
@@ -73,7 +74,7 @@ class _Handshake:
 class Acceptor:
     """Runs the accept loop of one server (call :meth:`run` in a thread)."""
 
-    def __init__(self, listener: socket.socket, options: Options, route: Route,
+    def __init__(self, listener: Optional[socket.socket], options: Options, route: Route,
                  accepted: Accepted, capacity: Callable[[], int]) -> None:
         self._listener = listener
         self._options = options
@@ -87,17 +88,25 @@ class Acceptor:
         self._deadlines: List[Tuple[float, int, _Handshake]] = []
         self._seq = itertools.count()
         self._stopping = False
+        self._adopted: Deque[Tuple[socket.socket, Any]] = deque()
 
     def stop(self) -> None:
         """Make :meth:`run` return soon; it closes every socket still in its handshake."""
         self._stopping = True
         self._waker.wake()
 
+    def adopt(self, sock: socket.socket, address: Any) -> None:
+        """Carry a socket connected elsewhere through its handshake, as if it
+        had been accepted here (from any thread)."""
+        self._adopted.append((sock, address))
+        self._waker.wake()
+
     def run(self) -> None:
         """The accept loop; returns after :meth:`stop`."""
         selector = self._selector
-        selector.register(self._listener, selectors.EVENT_READ)
-        listening = True
+        listening = self._listener is not None
+        if self._listener is not None:
+            selector.register(self._listener, selectors.EVENT_READ)
         backoff = 0.0
         retry_at = 0.0
         try:
@@ -118,7 +127,10 @@ class Acceptor:
                         self._waker.drain()
                     else:
                         self._readable(key.data)
-                if not listening and time.monotonic() >= retry_at and not self._stopping:
+                while self._adopted and not self._stopping:
+                    self._start(*self._adopted.popleft())
+                if self._listener is not None and not listening \
+                        and time.monotonic() >= retry_at and not self._stopping:
                     selector.register(self._listener, selectors.EVENT_READ)
                     listening = True
                 self._expire(time.monotonic())
@@ -127,6 +139,8 @@ class Acceptor:
         finally:
             for hs in list(self._handshakes.values()):
                 self._close(hs)
+            while self._adopted:
+                self._adopted.popleft()[0].close()
             self._waker.close()
             selector.close()
 

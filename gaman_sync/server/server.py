@@ -151,20 +151,49 @@ class WebSocketServer:
                 raise RuntimeError("the server was shut down; make a new one")
             if self._listener is not None:
                 return self
+            if self._acceptor is not None:
+                raise RuntimeError("this server serves adopted sockets only: it was "
+                                   "given one by adopt() before start()")
             self._listener = _listen(self.host, self._requested_port, self._backlog)
             self._address = self._listener.getsockname()
             self._listener.setblocking(False)
-            self._acceptor = Acceptor(self._listener, self.options, self._route, self._accepted,
-                                      self._capacity)
-            self._accept_thread = threading.Thread(target=self._acceptor.run,
-                                                   name="gaman_sync-accept", daemon=True)
-            self._accept_thread.start()
-            _running.add(self)
-            in_use, why_not = speedups_status()
-            self._speedups = in_use
+            in_use, why_not = self._start_accepting(self._listener)
         logger.info("listening on %s (C helper %s)", format_address(self.address),
                     "in use" if in_use else f"not in use: {why_not}")
         return self
+
+    def adopt(self, sock: socket.socket, remote_address: Any = None) -> None:
+        """Serve a socket that is already connected (one end of a
+        ``socket.socketpair()``, a socket accepted by another program) as if
+        this server had accepted it: its opening handshake is read and checked
+        in the accept thread, then it is served like any other connection. A
+        server that was not started serves adopted sockets without listening.
+        The server owns the socket from here on."""
+        if not isinstance(sock, socket.socket):
+            raise TypeError(f"sock must be a connected socket.socket, not {sock!r}")
+        if sock.gettimeout() is not None:
+            sock.settimeout(None)  # the connection's thread reads it in blocking mode
+        with self._lock:
+            if self._closing or self._shutdown_started:
+                sock.close()
+                raise RuntimeError("the server was shut down; make a new one")
+            if self._acceptor is None:
+                self._start_accepting(None)
+            assert self._acceptor is not None
+            self._acceptor.adopt(sock, remote_address if remote_address is not None
+                                 else _peer_of(sock))
+
+    def _start_accepting(self, listener: Optional[socket.socket]) -> Tuple[bool, str]:
+        """The accept thread (the caller holds the lock)."""
+        self._acceptor = Acceptor(listener, self.options, self._route, self._accepted,
+                                  self._capacity)
+        self._accept_thread = threading.Thread(target=self._acceptor.run,
+                                               name="gaman_sync-accept", daemon=True)
+        self._accept_thread.start()
+        _running.add(self)
+        in_use, why_not = speedups_status()
+        self._speedups = in_use
+        return in_use, why_not
 
     def serve_forever(self) -> None:
         """Start if needed, and block until the server is shut down (by
@@ -345,6 +374,13 @@ class WebSocketServer:
                     return False
                 self._released.wait(remaining)
             return True
+
+
+def _peer_of(sock: socket.socket) -> Any:
+    try:
+        return sock.getpeername() or "local"  # a socketpair's end has no address
+    except OSError:
+        return "local"
 
 
 def _listen(host: str, port: int, backlog: int) -> socket.socket:
