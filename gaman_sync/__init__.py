@@ -27,7 +27,7 @@ from .version import __version__
 _EXPORTS = {
     "Block": "app", "define_block": "app",
     "BlockServer": "server", "ServerConnection": "server", "WebSocketServer": "server",
-    "serve": "server",
+    "serve": "server", "Accept": "server", "Reject": "server", "Redirect": "server",
     "ClientConnection": "client", "connect": "client",
     "Connection": "connection", "ReadyState": "connection", "WebSocketHandler": "connection",
     "Options": "options",
@@ -38,6 +38,7 @@ _EXPORTS = {
     "SendTimeout": "exceptions", "InvalidHandshake": "exceptions", "InvalidURI": "exceptions",
     "InvalidStatus": "exceptions", "InvalidHeader": "exceptions",
     "InvalidMessage": "exceptions", "HandshakeTimeout": "exceptions",
+    "InvalidRedirect": "exceptions",
 }
 # GamanJS's names for ours.
 _ALIASES = {"WebSocketContext": ("server", "ServerConnection")}
@@ -67,8 +68,10 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .connection import Connection, ReadyState, WebSocketHandler
     from .exceptions import (ConnectionClosed, ConnectionClosedError, ConnectionClosedOK,
                              HandshakeTimeout, InvalidHandshake, InvalidHeader, InvalidMessage,
-                             InvalidStatus, InvalidURI, SendTimeout, WebSocketError)
+                             InvalidRedirect, InvalidStatus, InvalidURI, SendTimeout,
+                             WebSocketError)
     from .options import Options
     from .protocol import CloseCode, Headers, Request, Response
-    from .server import BlockServer, ServerConnection, WebSocketServer, serve
+    from .server import (Accept, BlockServer, Redirect, Reject, ServerConnection,
+                         WebSocketServer, serve)
     WebSocketContext = ServerConnection

@@ -12,6 +12,7 @@ The tree::
         ├── InvalidStatus           the server answered with another status than 101
         ├── InvalidHeader           a header of the 101 is missing or wrong
         ├── InvalidMessage          the response is not HTTP, or the server closed first
+        ├── InvalidRedirect         a redirect loop, too many hops, or wss:// to ws://
         └── HandshakeTimeout        (also a TimeoutError) no 101 in ``open_timeout``
 
 Errors of the operating system (a refused connection, an unknown host) are
@@ -21,11 +22,11 @@ Wrong arguments raise ``TypeError`` or ``ValueError``.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, List, Optional
 
 __all__ = ["WebSocketError", "ConnectionClosed", "ConnectionClosedOK", "ConnectionClosedError",
            "SendTimeout", "InvalidHandshake", "InvalidURI", "InvalidStatus", "InvalidHeader",
-           "InvalidMessage", "HandshakeTimeout"]
+           "InvalidMessage", "InvalidRedirect", "HandshakeTimeout"]
 
 _NORMAL = (1000, 1001, 1005)
 
@@ -95,6 +96,16 @@ class InvalidStatus(InvalidHandshake):
         self.status = status
         super().__init__(detail)
 
+    @property
+    def headers(self) -> Any:
+        """The response's headers (case-insensitive)."""
+        return getattr(self.response, "headers")
+
+    @property
+    def body(self) -> bytes:
+        """The first bytes of the response's body."""
+        return getattr(self.response, "body")
+
 
 class InvalidHeader(InvalidHandshake):
     """A header of the server's 101 is missing or wrong: ``name`` says which."""
@@ -107,6 +118,15 @@ class InvalidHeader(InvalidHandshake):
 class InvalidMessage(InvalidHandshake):
     """The server's answer is not a valid HTTP response, or it closed before
     answering."""
+
+
+class InvalidRedirect(InvalidHandshake):
+    """A redirect that is not followed: a loop, more than ``max_redirects``
+    hops, or from ``wss://`` to ``ws://``. ``chain`` lists the URLs."""
+
+    def __init__(self, chain: List[str], why: str) -> None:
+        self.chain = list(chain)
+        super().__init__(f"{why}: {' -> '.join(self.chain)}")
 
 
 class HandshakeTimeout(InvalidHandshake, TimeoutError):

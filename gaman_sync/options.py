@@ -8,16 +8,16 @@ connection's thread later.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
-__all__ = ["Options", "check_port", "SERVER_ONLY"]
+__all__ = ["Options", "check_port", "check_origins", "SERVER_ONLY"]
 
 KiB = 1024
 MiB = 1024 * KiB
 
 # Options that only a server uses: a client refuses them.
 SERVER_ONLY = frozenset({"max_request_size", "max_connections", "handshake_timeout",
-                         "shutdown_timeout"})
+                         "shutdown_timeout", "origins"})
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,11 @@ class Options:
     """Largest opening request (request line and headers) in bytes; larger gets 431."""
     max_connections: int = 5000
     """Connections served at once (handshakes included); past it new ones get 503."""
+    origins: Optional[Tuple[str, ...]] = None
+    """The ``Origin`` values a browser may connect from (``"*"``: any), for
+    blocks that set none; any other gets 403. ``None``: every origin. A
+    request without ``Origin`` (not a browser) is accepted unless the block
+    sets ``require_origin``."""
 
     # Timeouts, in seconds.
     handshake_timeout: Optional[float] = 10.0
@@ -61,8 +66,11 @@ class Options:
     :class:`~gaman_sync.SendTimeout`. ``None``: wait as long as it takes."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "origins", check_origins(self.origins))
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name == "origins":
+                continue
             if f.name in _SECONDS:
                 _check_seconds(f.name, value, optional=f.name != "shutdown_timeout")
             else:
@@ -108,3 +116,18 @@ def check_port(port: Any) -> None:
         raise TypeError(f"port must be an int from 0 to 65535, not {port!r}")
     if not 0 <= port <= 65535:
         raise ValueError(f"port must be an int from 0 to 65535, not {port!r}")
+
+
+def check_origins(origins: Any) -> Optional[Tuple[str, ...]]:
+    """``origins`` as a tuple of str (or None), or a clear error."""
+    if origins is None:
+        return None
+    if isinstance(origins, (str, bytes)) or not hasattr(origins, "__iter__"):
+        raise TypeError(f"origins must be a list of origins like 'https://example.com' "
+                        f"(or '*'), or None, not {origins!r}")
+    values = tuple(origins)
+    for origin in values:
+        if not isinstance(origin, str) or not origin or origin != origin.strip():
+            raise TypeError(f"origins must be a list of str like 'https://example.com', "
+                            f"not {origins!r}")
+    return values

@@ -1,12 +1,16 @@
 """Blocks: a path and the handler that serves WebSocket connections on it
-(GamanJS's ``defineBlock``)."""
+(GamanJS's ``defineBlock``), and what the block decides at the handshake."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence, Tuple, Union
 
 from ..connection import HandlerLike, WebSocketHandler, as_handler, reject_coroutine
+from ..options import check_origins
+from ..protocol import Request
+from ..server.decisions import REDIRECT_STATUSES, Decision
+from ..server.routing import Pattern
 
 if TYPE_CHECKING:
     from ..server import ServerConnection
@@ -14,6 +18,7 @@ if TYPE_CHECKING:
 __all__ = ["Block", "define_block"]
 
 Handler = Callable[["ServerConnection"], HandlerLike]
+Subprotocols = Union[Tuple[str, ...], Callable[[List[str], Request], Optional[str]]]
 
 
 @dataclass(frozen=True)
@@ -21,46 +26,108 @@ class Block:
     """A WebSocket endpoint: requests for ``path`` are served by ``websocket``.
 
     ``websocket(ctx)`` is called once per connection, in that connection's
-    thread, right after the handshake, and returns its callbacks.
-    ``subprotocols`` lists the subprotocols this block speaks; the first one
-    the client offers that is in this list is selected.
+    thread, before its 101 goes out, and returns its callbacks. The other
+    fields are described at :func:`define_block`.
     """
 
     path: str
-    websocket: Handler
-    subprotocols: Tuple[str, ...] = ()
+    websocket: Optional[Handler] = None
+    subprotocols: Subprotocols = ()
+    origins: Optional[Tuple[str, ...]] = None
+    require_origin: bool = False
+    on_request: Optional[Callable[[Request], Decision]] = None
+    redirect: Optional[str] = None
+    redirect_status: int = 308
+    on_redirect: Optional[Callable[[str, Request], Any]] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str):
             raise TypeError(f"path must be a str starting with '/', not {self.path!r}")
-        if not self.path.startswith("/") or "?" in self.path or "#" in self.path:
-            raise ValueError(f"path must start with '/' and hold no query ('?') or fragment "
-                             f"('#'), not {self.path!r}")
-        if not callable(self.websocket):
-            raise TypeError("websocket must be a callable taking the connection context, "
-                            f"not {self.websocket!r}")
-        reject_coroutine(self.websocket, "the websocket handler")
-        if isinstance(self.subprotocols, (str, bytes)) or not all(
+        pattern = Pattern(self.path)  # ValueError naming the path when it is not one
+        if self.redirect is None:
+            if self.websocket is None:
+                raise TypeError("define_block() needs a websocket handler (or a redirect): "
+                                "define_block(path, websocket=handler)")
+            if not callable(self.websocket):
+                raise TypeError("websocket must be a callable taking the connection context, "
+                                f"not {self.websocket!r}")
+            reject_coroutine(self.websocket, "the websocket handler")
+        else:
+            if self.websocket is not None or self.on_request is not None:
+                raise TypeError("a redirect block has no websocket handler and no "
+                                "on_request: it only redirects")
+            if not isinstance(self.redirect, str) or not self.redirect:
+                raise TypeError(f"redirect must be a path or URL (str), not {self.redirect!r}")
+            missing = [n for n in pattern.names
+                       if (f":{n}" if n != "*" else "*") not in self.redirect.split("/")]
+            extra = [part[1:] for part in self.redirect.split("/")
+                     if part.startswith(":") and part[1:] not in pattern.names]
+            if extra:
+                raise ValueError(f"redirect {self.redirect!r} uses ':{extra[0]}', which "
+                                 f"{self.path!r} does not have")
+            del missing  # parameters the target does not use are simply dropped
+        if self.redirect_status not in REDIRECT_STATUSES:
+            raise ValueError(f"redirect_status must be one of {REDIRECT_STATUSES}, not "
+                             f"{self.redirect_status!r}")
+        if callable(self.subprotocols):
+            reject_coroutine(self.subprotocols, "the subprotocol function")
+        elif isinstance(self.subprotocols, (str, bytes)) or not all(
                 isinstance(p, str) and p and "," not in p for p in self.subprotocols):
-            raise TypeError("subprotocols must be a list of subprotocol names (str), not "
-                            f"{self.subprotocols!r}")
+            raise TypeError("subprotocols must be a list of subprotocol names (str) or a "
+                            f"function, not {self.subprotocols!r}")
+        else:
+            object.__setattr__(self, "subprotocols", tuple(self.subprotocols))
+        object.__setattr__(self, "origins", check_origins(self.origins))
+        for name in ("on_request", "on_redirect"):
+            value = getattr(self, name)
+            if value is not None and not callable(value):
+                raise TypeError(f"{name} must be a function or None, not {value!r}")
+            reject_coroutine(value, name)
 
     def handler_for(self, ctx: "ServerConnection") -> WebSocketHandler:
         """The callbacks for a new connection: ``websocket(ctx)``'s, checked."""
+        assert self.websocket is not None
         return as_handler(self.websocket(ctx))
 
 
 def define_block(
     path: str = "/",
-    websocket: Handler | None = None,
-    subprotocols: Sequence[str] = (),
+    websocket: Optional[Handler] = None,
+    subprotocols: Union[Sequence[str], Callable[[List[str], Request], Optional[str]]] = (),
+    *,
+    origins: Optional[Sequence[str]] = None,
+    require_origin: bool = False,
+    on_request: Optional[Callable[[Request], Decision]] = None,
+    redirect: Optional[str] = None,
+    redirect_status: int = 308,
+    on_redirect: Optional[Callable[[str, Request], Any]] = None,
 ) -> Block:
-    """Define a WebSocket block, as GamanJS's ``defineBlock`` does."""
-    if websocket is None:
-        raise TypeError("define_block() needs a websocket handler: "
-                        "define_block(path, websocket=handler)")
+    """Define a WebSocket block, as GamanJS's ``defineBlock`` does.
+
+    - ``path``: ``/chat``, or a pattern with parameters: ``/rooms/:room``, and
+      a last ``*`` for the rest (``ctx.request.params``);
+    - ``websocket(ctx)``: returns the connection's callbacks;
+    - ``subprotocols``: the names it speaks (the first the client offers that
+      is in the list wins), or a function ``(offered, request) -> chosen``;
+    - ``origins``: the ``Origin`` values accepted (403 for any other; ``"*"``
+      for any); None: the server's ``origins`` option. ``require_origin``:
+      refuse requests without ``Origin`` too;
+    - ``on_request(request)``: decides before the 101, in the connection's
+      thread: returns ``Accept(subprotocol, headers)``, ``Reject(status,
+      body)``, ``Redirect(location, status)`` or None (accept);
+    - ``redirect``: a block that only redirects, to a path template that may
+      use the path's parameters (``/r/:room``), with ``redirect_status``
+      (308); the query string is carried over;
+    - ``on_redirect(url, request)``: called with the absolute URL of each
+      redirect this block makes (a redirect block's, or ``on_request``'s).
+    """
     if isinstance(subprotocols, (str, bytes)):
         raise TypeError(f"subprotocols must be a list of str, not a single "
                         f"{type(subprotocols).__name__} ({subprotocols!r}): "
                         f"use [{subprotocols!r}]")
-    return Block(path=path, websocket=websocket, subprotocols=tuple(subprotocols))
+    if not callable(subprotocols):
+        subprotocols = tuple(subprotocols)
+    return Block(path=path, websocket=websocket, subprotocols=subprotocols,  # type: ignore
+                 origins=origins, require_origin=require_origin,  # type: ignore[arg-type]
+                 on_request=on_request, redirect=redirect, redirect_status=redirect_status,
+                 on_redirect=on_redirect)

@@ -38,15 +38,16 @@ import threading
 import time
 from collections import deque
 from dataclasses import fields
-from typing import (Any, Deque, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple,
+from typing import (Any, Callable, Deque, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple,
                     Union)
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 from ..connection import Connection, HandlerLike, WebSocketHandler, as_handler
-from ..exceptions import ConnectionClosedOK, HandshakeTimeout, InvalidURI, closed_error
+from ..exceptions import (ConnectionClosedOK, HandshakeTimeout, InvalidRedirect, InvalidStatus,
+                          InvalidURI, closed_error)
 from ..io import PlainTransport, Runtime
 from ..options import SERVER_ONLY, Options
-from ..protocol import ClientHandshake, Protocol, Response, Side
+from ..protocol import ClientHandshake, Headers, Protocol, Request, Response, Side
 
 __all__ = ["connect", "ClientConnection"]
 
@@ -334,52 +335,30 @@ def _parse_url(url: str) -> Tuple[str, int, str, str]:
     return host, port, target, host_header
 
 
-def connect(url: str, *, subprotocols: Sequence[str] = (),
-            headers: Union[Mapping[str, str], Sequence[Tuple[str, str]], None] = None,
-            origin: Optional[str] = None, open_timeout: Optional[float] = 10.0,
-            handler: HandlerLike = None, max_queue: int = 16,
-            sock: Optional[socket.socket] = None, **options: Any) -> ClientConnection:
-    """Open a WebSocket connection to ``url`` (``ws://host:port/path``).
+_REDIRECTS = (301, 302, 303, 307, 308)
 
-    With ``sock``, an already connected socket (one end of a
-    ``socket.socketpair()`` whose other end a server adopted, say), the
-    handshake runs over it and ``url`` only names the host and the path.
 
-    ``subprotocols`` are offered in order of preference; ``headers`` are
-    added to the request; ``origin`` sets its ``Origin``. ``open_timeout``
-    bounds the TCP connect and the handshake together. With ``handler`` (a
-    :class:`~gaman_sync.WebSocketHandler` or a dict of callbacks) the
-    connection's thread calls them; without, use ``recv()`` or iterate.
-    Other keyword arguments are the connection options of
-    :class:`~gaman_sync.Options` (``max_message_size``, ``ping_interval``,
-    ``close_timeout``, ``write_limit``, ...).
-
-    Raises :class:`~gaman_sync.InvalidHandshake` subclasses when the server
-    refuses or answers wrongly, and ``OSError`` when TCP cannot connect.
-    """
-    server_only = sorted(SERVER_ONLY & set(options))
-    if server_only:
-        raise TypeError(f"{', '.join(server_only)}: server option(s), not for connect()")
-    known = sorted({f.name for f in fields(Options)} - SERVER_ONLY)
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise TypeError(f"connect() got unknown argument(s) {', '.join(unknown)}; its options "
-                        f"are {known}")
-    opts = Options.from_kwargs(options)
-    offered, extra = _check_arguments(subprotocols, headers, origin, open_timeout, handler,
-                                      max_queue)
-    callbacks = as_handler(handler) if handler is not None else None
-    host, port, target, host_header = _parse_url(url)
+def _next_request(url: str, offered: Sequence[str], extra: Sequence[Tuple[str, str]],
+                  origin: Optional[str]) -> Request:
+    """The request about to be sent to ``url`` (for ``on_redirect``)."""
+    _, _, target, host_header = _parse_url(url)
     handshake = ClientHandshake(host_header, target, offered, extra, origin)
-    request = handshake.request()  # before any I/O: h11 checks what is left
+    return Request("GET", target, Headers(handshake.request_headers))
 
-    deadline = None if open_timeout is None else time.monotonic() + open_timeout
+
+def _handshake(url: str, handshake: ClientHandshake, sock: Optional[socket.socket],
+               deadline: Optional[float], open_timeout: Optional[float]
+               ) -> Tuple[socket.socket, ClientHandshake]:
+    """Connect (unless ``sock`` is given) and run ``handshake`` to its 101."""
+    host, port, _, _ = _parse_url(url)
+    request = handshake.request()  # before any I/O: h11 checks what is left
     if sock is not None:
         if not isinstance(sock, socket.socket):
             raise TypeError(f"sock must be a connected socket.socket, not {sock!r}")
     else:
+        remaining = None if deadline is None else max(deadline - time.monotonic(), 0.001)
         try:
-            sock = socket.create_connection((host, port), timeout=open_timeout)
+            sock = socket.create_connection((host, port), timeout=remaining)
         except socket.timeout:
             raise HandshakeTimeout(f"could not connect to {host}:{port} in {open_timeout} s") \
                 from None
@@ -406,6 +385,90 @@ def connect(url: str, *, subprotocols: Sequence[str] = (),
     except BaseException:
         sock.close()
         raise
+    return sock, handshake
+
+
+def connect(url: str, *, subprotocols: Sequence[str] = (),
+            headers: Union[Mapping[str, str], Sequence[Tuple[str, str]], None] = None,
+            origin: Optional[str] = None, open_timeout: Optional[float] = 10.0,
+            handler: HandlerLike = None, max_queue: int = 16,
+            sock: Optional[socket.socket] = None, follow_redirects: bool = True,
+            max_redirects: int = 5,
+            on_redirect: Optional[Callable[[str, Request], Any]] = None,
+            **options: Any) -> ClientConnection:
+    """Open a WebSocket connection to ``url`` (``ws://host:port/path``).
+
+    With ``sock``, an already connected socket (one end of a
+    ``socket.socketpair()`` whose other end a server adopted, say), the
+    handshake runs over it and ``url`` only names the host and the path.
+
+    ``subprotocols`` are offered in order of preference; ``headers`` are
+    added to the request; ``origin`` sets its ``Origin``. ``open_timeout``
+    bounds the TCP connect and the handshake together. With ``handler`` (a
+    :class:`~gaman_sync.WebSocketHandler` or a dict of callbacks) the
+    connection's thread calls them; without, use ``recv()`` or iterate.
+    Other keyword arguments are the connection options of
+    :class:`~gaman_sync.Options` (``max_message_size``, ``ping_interval``,
+    ``close_timeout``, ``write_limit``, ...).
+
+    Redirects (301, 302, 303, 307, 308 with a ``Location``) are followed, up
+    to ``max_redirects`` hops, relative locations resolved against the URL
+    of the hop; ``on_redirect(url, request)`` (or the handler's) is called
+    before each hop with the request about to be sent. A loop, too many
+    hops, or ``wss://`` to ``ws://`` raise :class:`~gaman_sync.InvalidRedirect`
+    naming the chain. ``follow_redirects=False`` raises the
+    :class:`~gaman_sync.InvalidStatus` of the first redirect instead.
+
+    Raises :class:`~gaman_sync.InvalidHandshake` subclasses when the server
+    refuses or answers wrongly (:class:`~gaman_sync.InvalidStatus` carries
+    the status, the headers and the body), and ``OSError`` when TCP cannot
+    connect.
+    """
+    server_only = sorted(SERVER_ONLY & set(options))
+    if server_only:
+        raise TypeError(f"{', '.join(server_only)}: server option(s), not for connect()")
+    known = sorted({f.name for f in fields(Options)} - SERVER_ONLY)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise TypeError(f"connect() got unknown argument(s) {', '.join(unknown)}; its options "
+                        f"are {known}")
+    opts = Options.from_kwargs(options)
+    offered, extra = _check_arguments(subprotocols, headers, origin, open_timeout, handler,
+                                      max_queue)
+    callbacks = as_handler(handler) if handler is not None else None
+    if on_redirect is None and callbacks is not None:
+        on_redirect = callbacks.on_redirect
+    if on_redirect is not None and not callable(on_redirect):
+        raise TypeError(f"on_redirect must be a function (url, request) or None, "
+                        f"not {on_redirect!r}")
+    if isinstance(max_redirects, bool) or not isinstance(max_redirects, int) \
+            or max_redirects < 0:
+        raise ValueError(f"max_redirects must be an int of 0 or more, not {max_redirects!r}")
+    deadline = None if open_timeout is None else time.monotonic() + open_timeout
+    chain = [url]
+    while True:
+        _, _, target, host_header = _parse_url(url)
+        handshake = ClientHandshake(host_header, target, offered, extra, origin)
+        try:
+            sock, handshake = _handshake(url, handshake, sock, deadline, open_timeout)
+            break
+        except InvalidStatus as exc:
+            location = exc.headers.get("location")
+            if not follow_redirects or exc.status not in _REDIRECTS or not location:
+                raise
+            target = urljoin(url, location.strip())
+            chain.append(target)
+            if urlsplit(url).scheme == "wss" and urlsplit(target).scheme != "wss":
+                raise InvalidRedirect(chain, "a redirect from wss:// to an unencrypted URL "
+                                      "is refused") from None
+            if target in chain[:-1]:
+                raise InvalidRedirect(chain, "a redirect loop") from None
+            if len(chain) - 1 > max_redirects:
+                raise InvalidRedirect(chain, f"more than {max_redirects} redirects") from None
+            _parse_url(target)  # InvalidURI for a target we cannot follow
+            url, sock = target, None  # a given socket served the first hop only
+            if on_redirect is not None:
+                on_redirect(url, _next_request(url, offered, extra, origin))
     assert handshake.response is not None
     runtime = client_runtime()
     conn = ClientConnection(

@@ -96,7 +96,7 @@ class Connection:
                  "_proto", "_outgoing", "_outgoing_size", "_watched", "handler", "_opened",
                  "_aborted", "_abort_close", "_finished", "_reading", "_close_timer",
                  "_ping_timer", "_unanswered_since", "_next_ping", "_started", "_dropped",
-                 "_preamble",
+                 "_preamble", "_refused",
                  "__dict__", "__weakref__")
 
     def __init__(self, transport: Transport, protocol: Protocol, runtime: Runtime,
@@ -131,8 +131,9 @@ class Connection:
         self._next_ping = 0.0
         self._started = time.monotonic()
         self._dropped = 0  # messages not delivered because our close had started
+        self._refused = False
         self._preamble = preamble
-        if preamble:
+        if preamble is not None:
             # Until send_preamble(), every write waits here, unsent, behind
             # the preamble (a server's 101): no frame, not even a shutdown's
             # close, can go out before it.
@@ -268,6 +269,10 @@ class Connection:
         self.thread = threading.current_thread()
         try:
             serving = self.opening()
+            if self._refused:
+                self._wait_flushed()
+                self._linger(half_close=True)
+                return
             self.send_preamble()
             if serving:
                 self._serve()
@@ -284,15 +289,17 @@ class Connection:
         closing). For subclasses; the base class serves :attr:`handler`."""
         return True
 
-    def send_preamble(self, before: Optional[Callable[[], None]] = None) -> None:
-        """Send the preamble (a server's 101), then what was written while it
-        was held, in that order; a no-op once sent. ``before`` runs first,
-        under the write lock (a server joins its clients there): no broadcast
-        can then reach the connection before its preamble, nor miss it after."""
+    def send_preamble(self, before: Optional[Callable[[], None]] = None,
+                      preamble: Optional[bytes] = None) -> None:
+        """Send the preamble (a server's 101; ``preamble`` replaces the one
+        given at construction), then what was written while it was held, in
+        that order; a no-op once sent. ``before`` runs first, under the write
+        lock (a server joins its clients there): no broadcast can then reach
+        the connection before its preamble, nor miss it after."""
         with self._lock:
             if self._preamble is None:
                 return
-            preamble, self._preamble = self._preamble, None
+            preamble, self._preamble = preamble or self._preamble, None
             held = self._outgoing or ()
             self._outgoing = None
             self._outgoing_size = 0
@@ -304,6 +311,19 @@ class Connection:
             for chunk in held:
                 self._write(chunk)
             self._notify_room()
+
+    def refuse(self, response: bytes) -> None:
+        """Refuse the opening handshake (from :meth:`opening`): send the HTTP
+        ``response`` in place of the preamble, drop anything written while it
+        was held, and end the connection with a lingering close, never a
+        WebSocket frame. ``on_close`` is not called: it never opened."""
+        with self._lock:
+            self._preamble = None
+            self._outgoing = None
+            self._outgoing_size = 0
+            self._proto.abandon(_ABNORMAL, "handshake refused", force=True)
+            self._refused = True
+            self._write(response)
 
     def describe(self) -> str:
         """A few words for log lines: who the peer is."""

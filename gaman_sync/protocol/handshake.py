@@ -21,7 +21,7 @@ from ..exceptions import InvalidHeader, InvalidMessage, InvalidStatus
 from .http import Headers, Request, Response, header_tokens
 
 __all__ = ["HandshakeError", "RequestParser", "check_upgrade", "accept_response",
-           "error_response", "accept_token", "ClientHandshake"]
+           "error_response", "accept_token", "check_header", "ClientHandshake"]
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -132,13 +132,30 @@ def accept_token(key: bytes) -> bytes:
     return base64.b64encode(hashlib.sha1(key + _GUID).digest())
 
 
-def accept_response(key: bytes, subprotocol: Optional[str] = None) -> bytes:
-    """The ``101 Switching Protocols`` response that opens the connection."""
+def accept_response(key: bytes, subprotocol: Optional[str] = None,
+                    headers: Iterable[Tuple[str, str]] = ()) -> bytes:
+    """The ``101 Switching Protocols`` response that opens the connection,
+    with extra ``headers`` (a ``Set-Cookie``, say) after the required ones."""
     lines = [b"HTTP/1.1 101 Switching Protocols", b"Upgrade: websocket",
              b"Connection: Upgrade", b"Sec-WebSocket-Accept: " + accept_token(key)]
     if subprotocol:
         lines.append(b"Sec-WebSocket-Protocol: " + subprotocol.encode("ascii"))
+    for name, value in headers:
+        lines.append(f"{name}: {value}".encode("latin-1"))
     return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def check_header(name: object, value: object) -> Tuple[str, str]:
+    """Raise unless (``name``, ``value``) can go in a response as it is."""
+    if not isinstance(name, str) or not isinstance(value, str):
+        raise TypeError(f"a header is a (name, value) pair of str, not ({name!r}, {value!r})")
+    if not name or any(c in name for c in " \t\r\n:") or any(c in value for c in "\r\n\0"):
+        raise ValueError(f"invalid header {name!r}: {value!r}")
+    try:
+        (name + value).encode("latin-1")
+    except UnicodeEncodeError:
+        raise ValueError(f"header {name!r} is not latin-1") from None
+    return name, value
 
 
 def error_response(status: int, message: str,
@@ -195,6 +212,11 @@ class ClientHandshake:
             request_headers.append(("Origin", origin))
         request_headers.extend(headers)
         self._request = request_headers, target
+
+    @property
+    def request_headers(self) -> List[Tuple[str, str]]:
+        """The headers of the request, as they will be sent."""
+        return list(self._request[0])
 
     def request(self) -> bytes:
         """The request's bytes (call once)."""

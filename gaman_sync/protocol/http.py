@@ -53,7 +53,7 @@ class Request:
     """The opening handshake request of a connection (``ctx.request``)."""
 
     __slots__ = ("method", "target", "path", "query_string", "headers",
-                 "remote_address", "http_version", "_query")
+                 "remote_address", "http_version", "params", "_query")
 
     def __init__(
         self,
@@ -77,6 +77,10 @@ class Request:
         self.remote_address = remote_address
         """The peer's address, as ``socket.getpeername()`` gives it."""
         self.http_version = http_version
+        self.params: Dict[str, str] = {}
+        """The parameters of the block's path (``/rooms/:room`` gives
+        ``{"room": ...}``; a trailing ``*`` gives ``{"*": the rest}``), set by
+        routing."""
         self._query: Optional[Dict[str, str]] = None
 
     @property
@@ -86,6 +90,16 @@ class Request:
         if self._query is None:
             self._query = dict(parse_qsl(self.query_string, keep_blank_values=True))
         return self._query
+
+    @property
+    def raw_path(self) -> str:
+        """The path as sent, percent-encoded, without the query string."""
+        return self.target.partition("?")[0]
+
+    @property
+    def origin(self) -> Optional[str]:
+        """The ``Origin`` header (browsers send it), or None."""
+        return self.headers.get("origin")
 
     @property
     def host(self) -> Optional[str]:

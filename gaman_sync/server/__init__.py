@@ -7,7 +7,9 @@ connection, and each open connection has its own. Nothing else.
 """
 
 from .blocks import BlockServer, Endpoint
+from .decisions import Accept, Redirect, Reject
 from .connection import ServerConnection
 from .server import WebSocketServer, serve
 
-__all__ = ["BlockServer", "Endpoint", "ServerConnection", "WebSocketServer", "serve"]
+__all__ = ["Accept", "BlockServer", "Endpoint", "Redirect", "Reject", "ServerConnection",
+           "WebSocketServer", "serve"]

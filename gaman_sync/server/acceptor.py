@@ -53,7 +53,8 @@ _LINGER = 2.0  # seconds a refused client has to close before we do
 _MAX_BACKOFF = 0.1
 
 Route = Callable[[Request], Any]
-Accepted = Callable[[socket.socket, Request, Any, Optional[str], bytes, bytes], None]
+Accepted = Callable[[socket.socket, Request, Any, Optional[str], bytes, Optional[bytes], bytes],
+                    None]
 
 
 class _Handshake:
@@ -234,24 +235,33 @@ class Acceptor:
             if request.method != "GET":
                 raise HandshakeError(405, "a WebSocket handshake is a GET request",
                                      [("Allow", "GET")])
-            view = self._route(request)
-            if view is None:
+            route = self._route(request)
+            if route is None:
                 raise HandshakeError(404, f"no WebSocket endpoint at {request.path}")
+            view, request.params = route
             key = check_upgrade(request)
+            if not view.allows_origin(request.origin, self._options.origins):
+                raise HandshakeError(403, "this origin may not open a WebSocket here")
         except HandshakeError as exc:
             self._reject(hs, exc)
             return
-        subprotocol = next((p for p in request.subprotocols if p in view.endpoint.subprotocols),
-                           None)
-        response = accept_response(key, subprotocol)
+        if view.decides:
+            # on_request, a redirect or a subprotocol function: user code, run
+            # in the connection's thread, which then makes the 101 (or not).
+            subprotocol, response = None, None
+        else:
+            offered = view.endpoint.subprotocols
+            subprotocol = next((p for p in request.subprotocols if p in offered), None)
+            response = accept_response(key, subprotocol)
         assert hs.parser is not None
         trailing_data = hs.parser.trailing_data
         self._forget(hs)
         nonblocking.make_blocking(hs.sock)
-        # The connection's thread sends the 101, under the connection's lock
-        # and after it joined its block's clients: a broadcast can then
-        # neither precede the 101 on the wire nor miss a client that has it.
-        self._accepted(hs.sock, request, view, subprotocol, trailing_data, response)
+        # The connection's thread sends the 101 once its handler returned,
+        # under the connection's lock and after it joined its block's
+        # clients: a broadcast can then neither precede the 101 on the wire
+        # nor miss a client that has it.
+        self._accepted(hs.sock, request, view, subprotocol, trailing_data, response, key)
 
     # -- Refusing and closing -----------------------------------------------
 

@@ -9,14 +9,16 @@ object with a ``path``, the ``subprotocols`` it speaks and a
 from __future__ import annotations
 
 import logging
-from typing import (TYPE_CHECKING, Any, Dict, Iterable, List, Sequence, Tuple, Union)
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence,
+                    Tuple, Union)
 
 from typing import Protocol as _Interface
 from typing import runtime_checkable
 
 from ..connection import WebSocketHandler
-from ..protocol import Data, encode_frame
+from ..protocol import Data, Request, encode_frame
 from .connection import ServerConnection
+from .decisions import Decision
 
 if TYPE_CHECKING:
     from .server import WebSocketServer
@@ -29,12 +31,30 @@ Exclude = Union[ServerConnection, int, Iterable[Union[ServerConnection, int]], N
 """Who a broadcast skips: a connection or its id, or several of either."""
 
 
+SubprotocolSelector = Callable[[List[str], Request], Optional[str]]
+
+
 @runtime_checkable
 class Endpoint(_Interface):
     """What a server routes requests to (a :class:`gaman_sync.Block`)."""
 
     path: str
-    subprotocols: Tuple[str, ...]
+    """The path pattern (see :mod:`.routing`)."""
+    subprotocols: Union[Tuple[str, ...], SubprotocolSelector]
+    """The subprotocols it speaks, in its order of preference, or a function
+    ``(offered, request) -> chosen or None``."""
+    origins: Optional[Tuple[str, ...]]
+    """The ``Origin`` values it accepts (``"*"``: any); None: the server's default."""
+    require_origin: bool
+    """Refuse a request without ``Origin`` when ``origins`` is a list."""
+    on_request: Optional[Callable[[Request], Decision]]
+    """Decides before the 101, in the connection's thread (see :mod:`.decisions`)."""
+    redirect: Optional[str]
+    """A path template (``/r/:room``) every request is redirected to, or None."""
+    redirect_status: int
+    """The status of those redirects."""
+    on_redirect: Optional[Callable[[str, Request], Any]]
+    """Called with the absolute URL and the request, for each redirect made."""
 
     def handler_for(self, ctx: ServerConnection) -> WebSocketHandler:
         """The callbacks for a new connection, called in its thread."""
@@ -60,6 +80,24 @@ class BlockServer:
         # thousands of connections ending at once would queue on (each
         # holder waiting its turn for the GIL among them).
         self._clients: Dict[ServerConnection, None] = {}
+
+    @property
+    def decides(self) -> bool:
+        """Does a request need a decision before its 101 (``on_request``, a
+        redirect, a subprotocol function)? Then it is made in the
+        connection's thread, not in the accept thread."""
+        endpoint = self.endpoint
+        return (endpoint.on_request is not None or endpoint.redirect is not None
+                or callable(endpoint.subprotocols))
+
+    def allows_origin(self, origin: Optional[str], default: Optional[Tuple[str, ...]]) -> bool:
+        """May a request with this ``Origin`` (None: no header) open a connection?"""
+        origins = self.endpoint.origins if self.endpoint.origins is not None else default
+        if origins is None or "*" in origins:
+            return True
+        if origin is None:
+            return not self.endpoint.require_origin
+        return origin.lower() in (o.lower() for o in origins)
 
     @property
     def block(self) -> Endpoint:

@@ -27,6 +27,7 @@ from ..protocol.http import format_address
 from .acceptor import Acceptor
 from .blocks import BlockServer, Endpoint, Exclude, broadcast
 from .connection import ServerConnection
+from .routing import Router
 
 __all__ = ["WebSocketServer", "serve"]
 
@@ -87,6 +88,7 @@ class WebSocketServer:
             self._routes[block.path] = BlockServer(self, block)
         if not self._routes:
             raise ValueError("a server needs at least one block")
+        self._router: Router[BlockServer] = Router(list(self._routes.items()))
         self.runtime = Runtime("gaman_sync")
         """The shared threads: timers, the writer, the connection threads."""
         self._connections: Dict[ServerConnection, None] = {}
@@ -270,18 +272,21 @@ class WebSocketServer:
 
     # -- What the acceptor calls ---------------------------------------------
 
-    def _route(self, request: Request) -> Optional[BlockServer]:
-        """The block that serves ``request``'s path, or None (404)."""
-        return self._routes.get(request.path)
+    def _route(self, request: Request) -> Optional[Tuple[BlockServer, Dict[str, str]]]:
+        """The block that serves ``request``'s path and the path's
+        parameters, or None (404)."""
+        return self._router.match(request.raw_path)
 
     def _capacity(self) -> int:
         """How many more connections may open (the acceptor counts its own)."""
         return self.options.max_connections - len(self._connections)
 
     def _accepted(self, sock: socket.socket, request: Request, view: BlockServer,
-                subprotocol: Optional[str], trailing_data: bytes, response: bytes) -> None:
+                  subprotocol: Optional[str], trailing_data: bytes,
+                  response: Optional[bytes], key: bytes) -> None:
         """A handshake was accepted (in the accept thread): give the connection
-        its thread, which sends the 101 ``response`` first."""
+        its thread, which sends the 101 ``response`` (or, for a block that
+        decides, makes it from ``key``) once its handler returned."""
         options = self.options
         with self._lock:
             if self._closing:
@@ -291,7 +296,8 @@ class WebSocketServer:
                 PlainTransport(sock),
                 Protocol(Side.SERVER, options.max_message_size, trailing_data,
                          unmask_in_c=self._speedups),
-                self.runtime, options, next(self._ids), request, view, subprotocol, response)
+                self.runtime, options, next(self._ids), request, view, subprotocol, response,
+                key)
             self._connections[conn] = None
 
         def serve() -> None:
