@@ -129,15 +129,17 @@ class Connection:
         self._ping_timer: Optional[Timer] = None
         self._unanswered_since: Optional[float] = None
         self._next_ping = 0.0
-        self._started = time.monotonic()
+        # For the DEBUG line at the end only: a float less per connection otherwise.
+        self._started = time.monotonic() if logger.isEnabledFor(logging.DEBUG) else 0.0
         self._dropped = 0  # messages not delivered because our close had started
         self._refused = False
         self._preamble = preamble
         if preamble is not None:
             # Until send_preamble(), every write waits here, unsent, behind
             # the preamble (a server's 101): no frame, not even a shutdown's
-            # close, can go out before it.
-            self._outgoing = deque()
+            # close, can go out before it. (A list: the writer thread never
+            # sees it, and most handlers send nothing before their 101.)
+            self._outgoing = []  # type: ignore[assignment]
 
     # -- The public API ---------------------------------------------------
 
@@ -681,7 +683,8 @@ class Connection:
         code = proto.close_code or _ABNORMAL
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("%s: closed with %s %r after %.3f s%s", self, code,
-                         proto.close_reason, time.monotonic() - self._started,
+                         proto.close_reason,
+                         time.monotonic() - self._started if self._started else 0.0,
                          f"; {self._dropped} message(s) that came after our close were not "
                          "delivered" if self._dropped else "")
         if self._opened:

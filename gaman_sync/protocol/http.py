@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 from urllib.parse import parse_qsl, unquote
 
 __all__ = ["Headers", "Request", "Response", "header_tokens", "format_address"]
+
+# Most paths have no parameters: one shared empty mapping, not a dict each.
+_NO_PARAMS: Mapping[str, str] = MappingProxyType({})
 
 
 class Headers(Mapping[str, str]):
@@ -77,7 +81,7 @@ class Request:
         self.remote_address = remote_address
         """The peer's address, as ``socket.getpeername()`` gives it."""
         self.http_version = http_version
-        self.params: Dict[str, str] = {}
+        self.params: Mapping[str, str] = _NO_PARAMS
         """The parameters of the block's path (``/rooms/:room`` gives
         ``{"room": ...}``; a trailing ``*`` gives ``{"*": the rest}``), set by
         routing."""

@@ -36,7 +36,7 @@ connection's lock held.
 from __future__ import annotations
 
 from enum import Enum
-from typing import Iterator, Optional, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 from ..exceptions import ConnectionClosed
 from ._wsproto import Decoder, Opcode, ParseFailed
@@ -74,11 +74,15 @@ _CLOSED = State.CLOSED
 _CLOSED_EVENT = Closed()
 
 
+def _encode_masked(message: Data) -> Tuple[bytes, bytes]:
+    return encode_frame(message, True)
+
+
 class Protocol:
     """One WebSocket connection after its handshake, without I/O."""
 
     __slots__ = ("side", "_decoder", "_frames", "_mask", "state", "_parts", "_size", "_max",
-                 "close_code", "close_reason")
+                 "close_code", "close_reason", "encode")
 
     def __init__(self, side: Side, max_message_size: Optional[int] = None,
                  trailing_data: bytes = b"", unmask_in_c: bool = True) -> None:
@@ -88,6 +92,9 @@ class Protocol:
         self._decoder = Decoder(client, unmask_in_c)
         self._frames: Optional[Iterator] = None  # wsproto's frame generator, while it yields
         self._mask = client  # RFC 6455 5.3: a client masks every frame it sends
+        self.encode: Callable[[Data], Tuple[bytes, bytes]] = (
+            _encode_masked if client else encode_frame)
+        """A data frame for a message as this side sends it: (header, payload)."""
         self.state = _OPEN
         """:attr:`State.OPEN`, ``CLOSING`` or ``CLOSED``."""
         self._parts: list = []
@@ -119,10 +126,6 @@ class Protocol:
         """Can one encoded data frame go to many connections? A server's can
         (unmasked); a client masks each frame with a key of its own."""
         return not self._mask
-
-    def encode(self, message: Data) -> Tuple[bytes, bytes]:
-        """A data frame for ``message`` as this side sends it: (header, payload)."""
-        return encode_frame(message, self._mask)
 
     def receive_data(self, data: bytes) -> None:
         """Bytes from the peer. Ignored once the connection has failed or closed."""

@@ -240,7 +240,8 @@ class Acceptor:
                 raise HandshakeError(404, f"no WebSocket endpoint at {request.path}")
             view, request.params = route
             key = check_upgrade(request)
-            if not view.allows_origin(request.origin, self._options.origins):
+            if view.checks_origin(self._options.origins) and \
+                    not view.allows_origin(request.origin, self._options.origins):
                 raise HandshakeError(403, "this origin may not open a WebSocket here")
         except HandshakeError as exc:
             self._reject(hs, exc)

@@ -90,6 +90,10 @@ class BlockServer:
         return (endpoint.on_request is not None or endpoint.redirect is not None
                 or callable(endpoint.subprotocols))
 
+    def checks_origin(self, default: Optional[Tuple[str, ...]]) -> bool:
+        """Is there an ``origins`` list to check (the block's, or ``default``)?"""
+        return self.endpoint.origins is not None or default is not None
+
     def allows_origin(self, origin: Optional[str], default: Optional[Tuple[str, ...]]) -> bool:
         """May a request with this ``Origin`` (None: no header) open a connection?"""
         origins = self.endpoint.origins if self.endpoint.origins is not None else default
