@@ -346,6 +346,24 @@ def _next_request(url: str, offered: Sequence[str], extra: Sequence[Tuple[str, s
     return Request("GET", target, Headers(handshake.request_headers))
 
 
+def next_hop(chain: List[str], location: str, max_redirects: int) -> str:
+    """The URL a redirect to ``location`` leads to from the last URL of
+    ``chain`` (which it is appended to), or :class:`~gaman_sync.InvalidRedirect`
+    for a loop, too many hops, or ``wss://`` to anything but ``wss://``."""
+    current = chain[-1]
+    target = urljoin(current, location.strip())
+    chain.append(target)
+    if urlsplit(current).scheme == "wss" and urlsplit(target).scheme != "wss":
+        raise InvalidRedirect(chain, "a redirect from wss:// to an unencrypted URL is refused")
+    if target in chain[:-1]:
+        raise InvalidRedirect(chain, "a redirect loop")
+    if len(chain) - 1 > max_redirects:
+        raise InvalidRedirect(chain, f"more than {max_redirects} redirects")
+    if urlsplit(target).scheme not in ("ws", "wss"):
+        raise InvalidRedirect(chain, "a redirect to a URL that is not ws:// or wss://")
+    return target
+
+
 def _handshake(url: str, handshake: ClientHandshake, sock: Optional[socket.socket],
                deadline: Optional[float], open_timeout: Optional[float]
                ) -> Tuple[socket.socket, ClientHandshake]:
@@ -456,17 +474,8 @@ def connect(url: str, *, subprotocols: Sequence[str] = (),
             location = exc.headers.get("location")
             if not follow_redirects or exc.status not in _REDIRECTS or not location:
                 raise
-            target = urljoin(url, location.strip())
-            chain.append(target)
-            if urlsplit(url).scheme == "wss" and urlsplit(target).scheme != "wss":
-                raise InvalidRedirect(chain, "a redirect from wss:// to an unencrypted URL "
-                                      "is refused") from None
-            if target in chain[:-1]:
-                raise InvalidRedirect(chain, "a redirect loop") from None
-            if len(chain) - 1 > max_redirects:
-                raise InvalidRedirect(chain, f"more than {max_redirects} redirects") from None
-            _parse_url(target)  # InvalidURI for a target we cannot follow
-            url, sock = target, None  # a given socket served the first hop only
+            url = next_hop(chain, location, max_redirects)
+            sock = None  # a given socket served the first hop only
             if on_redirect is not None:
                 on_redirect(url, _next_request(url, offered, extra, origin))
     assert handshake.response is not None
