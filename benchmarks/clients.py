@@ -1,4 +1,4 @@
-"""Three synchronous Python WebSocket clients against the same server; print a markdown table.
+"""Three synchronous Python WebSocket clients, and two ceilings, against the same server; print a markdown table.
 
     pip install -e .[bench]
     python benchmarks/clients.py [--rounds N] [--duration S] [--clients a,b]
@@ -6,7 +6,9 @@
 
 The clients are gaman_sync's (``gaman_sync.connect``), websockets' threaded
 one (``websockets.sync.client.connect``, the reference of the ratio column)
-and websocket-client (``websocket.create_connection``). Each measurement
+and websocket-client (``websocket.create_connection``); two rows marked
+"(ceiling)" are not clients but what a client design comes to on wsproto
+before any code of its own, with a reader thread and without. Each measurement
 sends one message on one connection, waits for its echo and sends the next,
 for a fixed duration: 32 B text (round trips per second), then 1 MiB binary
 (MiB per second, each MiB counted once although it crosses loopback twice).
@@ -45,13 +47,17 @@ import json
 import os
 import platform
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.parse
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
 
 # Small helpers shared with run.py: the server process and its READY line,
 # /proc readers and the number formats of the table. Importing run.py starts
@@ -138,6 +144,138 @@ def open_websocket_client(url: str, binary: bool) -> Tuple[Send, Recv, Close]:
     return (ws.send_binary if binary else ws.send), ws.recv, ws.close
 
 
+# -- Two ceilings on wsproto, not clients ------------------------------------------
+#
+# What a client design comes to on wsproto before any code of its own, as
+# run.py's "TCP echo + wsproto" rows do for servers: a fixed handshake
+# request (only the 101 checked), frames masked by wsproto's
+# FrameProtocol(client=True), messages put together from its frames, plain
+# socket calls, and nothing else (no validation, no pings; closing sends a
+# close frame and waits for the end of the stream). ThreadedReaderCeiling reads in a
+# thread of its own and hands each message to recv() through a Condition and
+# a deque, as gaman_sync's client does; CallerReadsCeiling reads and parses
+# in recv()'s caller, as websocket-client does.
+
+CEILING_READ = 65536  # bytes per socket recv
+
+
+class _WsprotoCeiling:
+    def __init__(self, url: str) -> None:
+        from wsproto.frame_protocol import FrameProtocol, Opcode
+
+        parts = urllib.parse.urlsplit(url)
+        sock = socket.create_connection((parts.hostname, parts.port), timeout=CLIENT_TIMEOUT)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(f"GET {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+                     "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                     "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            data = sock.recv(CEILING_READ)
+            if not data:
+                raise BenchError("handshake: the server closed the connection")
+            head += data
+        head, _, rest = head.partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 101 "):
+            raise BenchError(f"handshake: {head.splitlines()[0]!r}")
+        self.sock = sock
+        self.proto = FrameProtocol(client=True, extensions=[])
+        self.close_opcode = Opcode.CLOSE
+        self.parts: List[Message] = []  # the frames of a message not yet complete
+        self.queue: Deque[Message] = deque(self.parse(rest))
+        self.sendall = sock.sendall
+        self.send_data = self.proto.send_data
+
+    def send(self, message: Message) -> None:
+        self.sendall(self.send_data(message))
+
+    def parse(self, data: bytes) -> List[Message]:
+        """The messages ``data`` completes."""
+        self.proto.receive_bytes(data)
+        done: List[Message] = []
+        for frame in self.proto.received_frames():
+            if frame.opcode is self.close_opcode or frame.opcode.iscontrol():
+                continue  # wsproto stops parsing after a close frame
+            self.parts.append(frame.payload)
+            if frame.message_finished:
+                parts, self.parts = self.parts, []
+                done.append("".join(parts) if isinstance(parts[0], str) else b"".join(parts))
+        return done
+
+    def close(self) -> None:
+        self.sendall(self.proto.close(1000))
+        self.wait_closed()
+        self.sock.close()
+
+    def wait_closed(self) -> None:
+        raise NotImplementedError
+
+
+class ThreadedReaderCeiling(_WsprotoCeiling):
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.sock.settimeout(None)  # the reader blocks; recv() times out on the Condition
+        self.ended = False
+        self.arrived = threading.Condition(threading.Lock())
+        self.reader = threading.Thread(target=self.read, daemon=True)
+        self.reader.start()
+
+    def read(self) -> None:
+        recv, parse, arrived, queue = self.sock.recv, self.parse, self.arrived, self.queue
+        try:
+            while True:
+                data = recv(CEILING_READ)
+                if not data:
+                    break
+                messages = parse(data)
+                if messages:
+                    with arrived:
+                        queue.extend(messages)
+                        arrived.notify()
+        except OSError:
+            pass
+        finally:
+            with arrived:
+                self.ended = True
+                arrived.notify_all()
+
+    def recv(self) -> Message:
+        with self.arrived:
+            while not self.queue:
+                if self.ended:
+                    raise ConnectionError("the connection ended")
+                if not self.arrived.wait(CLIENT_TIMEOUT):
+                    raise TimeoutError("no message")
+            return self.queue.popleft()
+
+    def wait_closed(self) -> None:
+        self.reader.join(CLIENT_TIMEOUT)
+
+
+class CallerReadsCeiling(_WsprotoCeiling):
+    # The socket keeps CLIENT_TIMEOUT, as websocket-client's does.
+    def recv(self) -> Message:
+        queue = self.queue
+        while not queue:
+            data = self.sock.recv(CEILING_READ)
+            if not data:
+                raise ConnectionError("the connection ended")
+            queue.extend(self.parse(data))
+        return queue.popleft()
+
+    def wait_closed(self) -> None:
+        while self.sock.recv(CEILING_READ):
+            pass
+
+
+def open_ceiling(cls: type) -> Callable[[str, bool], Tuple[Send, Recv, Close]]:
+    def opener(url: str, binary: bool) -> Tuple[Send, Recv, Close]:
+        conn = cls(url)
+        return conn.send, conn.recv, conn.close
+    return opener
+
+
 def _check_gaman_sync() -> Optional[str]:
     try:
         module = importlib.import_module("gaman_sync")
@@ -175,6 +313,12 @@ CLIENT_SPECS = [
                _check_module("websockets.sync.client", "connect", "websockets")),
     ClientSpec("websocket-client", "websocket-client", open_websocket_client,
                _check_module("websocket", "create_connection", "websocket-client")),
+    ClientSpec("ceiling-threaded", "threaded reader + wsproto (ceiling)",
+               open_ceiling(ThreadedReaderCeiling),
+               _check_module("wsproto.frame_protocol", "FrameProtocol", "wsproto")),
+    ClientSpec("ceiling-caller-reads", "caller reads + wsproto (ceiling)",
+               open_ceiling(CallerReadsCeiling),
+               _check_module("wsproto.frame_protocol", "FrameProtocol", "wsproto")),
 ]
 
 
@@ -524,7 +668,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     results.setdefault((scenario.key, spec.name), []).append(run)
                     extra = (run.error or "; ".join(run.notes)) + busy_note(run.background)
                     print(f"[{time.monotonic() - started:5.0f} s] round {rnd + 1}/{rounds} "
-                          f"{scenario.key:<10} {spec.name:<17} {fmt_value(run.value)}  "
+                          f"{scenario.key:<10} {spec.name:<20} {fmt_value(run.value)}  "
                           f"cpu client={fmt_value(run.client_cpu)} "
                           f"server={fmt_value(run.server_cpu)}  {extra}",
                           file=sys.stderr, flush=True)

@@ -12,6 +12,7 @@ from websockets.exceptions import ConnectionClosed as ClientClosed
 from websockets.sync.client import connect
 
 from gaman_sync import define_block
+from gaman_sync.strategies import binary_messages, text_messages
 
 from .conftest import WAIT, Recorder
 
@@ -28,13 +29,8 @@ def fragmented(draw, data):
     return [data[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
-sizes = st.one_of(st.integers(0, 130), st.sampled_from([125, 126, 65535, 65536]),
-                  st.integers(0, MAX_SIZE))
-texts = st.one_of(st.text(max_size=200),
-                  sizes.map(lambda n: "é" * (n // 2)),
-                  st.text(st.characters(min_codepoint=0x10000, max_codepoint=0x10FFFF),
-                          max_size=50))
-blobs = st.one_of(st.binary(max_size=200), sizes.map(lambda n: bytes(range(256)) * (n // 256)))
+texts = text_messages(max_size=MAX_SIZE)
+blobs = binary_messages(max_size=MAX_SIZE)
 messages = st.lists(st.one_of(texts, blobs).flatmap(
     lambda m: fragmented(m).map(lambda parts: (m, parts))), max_size=12)
 

@@ -27,6 +27,7 @@ RANKS = {
     "protocol": 1,
     "io": 2,
     "connection": 3,
+    "strategies": 4,
     "server": 4, "client": 4, "testing": 4,
     "app": 5,
     "cli": 6,

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gaman_sync.strategies import control_payloads, fragmentations, messages
 from gaman_sync.testing import (BINARY, CLOSE, CONT, PING, PONG, TEXT, RawPeer, chunks,
                                 close_frame, frame)
 
@@ -241,27 +242,21 @@ def test_5_valid_traffic_before_a_bad_frame_is_handled_first(echo, name):
 # -- 5.4 Fragmentation --------------------------------------------------------
 
 @settings(max_examples=60)
-@given(opcode=st.sampled_from([TEXT, BINARY]),
-       data=st.one_of(st.binary(max_size=3000),
-                      st.text(max_size=600).map(lambda s: s.encode("utf-8"))),
-       cuts=st.lists(st.integers(0, 3000), max_size=12),
-       pings=st.lists(st.binary(max_size=125), max_size=4))
-def test_5_4_any_fragmentation_echoes_the_whole_message(echo, opcode, data, cuts, pings):
+@given(data=st.data(), message=messages(max_size=3000))
+def test_5_4_any_fragmentation_echoes_the_whole_message(echo, data, message):
     server, rb = echo
-    if opcode == TEXT and utf8_error_at(data) is not None:
-        data = data.decode("utf-8", "replace").encode("utf-8")
-    parts = chunks(data, cuts) if data else [b""]
+    fragments = data.draw(fragmentations(message), label="fragments")
+    pings = data.draw(st.lists(control_payloads(), max_size=len(fragments) - 1), label="pings")
     stream = b""
-    for i, part in enumerate(parts):
-        stream += frame(TEXT if i == 0 and opcode == TEXT else BINARY if i == 0 else CONT,
-                        part, fin=i == len(parts) - 1)
-        if i < len(pings) and i < len(parts) - 1:
+    for i, fragment in enumerate(fragments):
+        stream += fragment.wire
+        if i < len(pings):
             stream += frame(PING, pings[i])  # control frames may sit between fragments
     with open_client(server) as client:
         client.send(stream)
-        for ping in pings[:len(parts) - 1]:
+        for ping in pings:
             expect_echo(client, PONG, ping)
-        expect_echo(client, opcode, data)
+        expect_echo(client, fragments[0].opcode, b"".join(f.payload for f in fragments))
         assert client.close_handshake().close_code() == 1000
 
 

@@ -22,17 +22,18 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition, rule,
                                  run_state_machine_as_test)
 
+from gaman_sync.strategies import (binary_messages, close_codes, close_reasons, control_payloads,
+                                   text_messages)
 from gaman_sync.testing import BINARY, CONT, PING, PONG, TEXT, RawPeer, chunks, close_frame, frame
 
 from .helpers import RecordingBlock
 
 _ids = itertools.count()
 
-texts = st.text(max_size=50).filter(lambda s: not s.startswith(RecordingBlock.COMMAND))
-payloads = st.one_of(texts, st.binary(max_size=300))
-control = st.binary(max_size=125)
-client_codes = st.one_of(st.none(), st.sampled_from([1000, 1001, 1003, 1008, 1011, 3000,
-                                                     4000, 4999]))
+texts = text_messages(max_size=300).filter(lambda s: not s.startswith(RecordingBlock.COMMAND))
+payloads = st.one_of(texts, binary_messages(max_size=300))
+control = control_payloads()
+client_codes = st.one_of(st.none(), close_codes())
 server_codes = st.sampled_from([1000, 1001, 1008, 3001, 4002])
 # Frames that fail the connection, and the code they fail it with.
 PROTOCOL_ERRORS = {
@@ -134,7 +135,7 @@ class ConnectionMachine(RuleBasedStateMachine):
         self.pongs.append(data)
 
     @precondition(lambda self: self.open)
-    @rule(code=client_codes, reason=st.text(max_size=20))
+    @rule(code=client_codes, reason=close_reasons())
     def client_closes(self, code, reason):
         if code is None:
             self.client.send_close(None)
