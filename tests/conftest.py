@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from typing import Any, Callable, List
@@ -10,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from gaman_sync import WebSocketServer, define_block
+from gaman_sync.testing import run_server
 
 settings.register_profile(
     "ci", derandomize=True, deadline=None, print_blob=True,
@@ -50,18 +52,14 @@ class Recorder:
 
 @pytest.fixture
 def make_server():
-    """``make_server(blocks, **options)``: a started server, shut down after the test."""
-    servers: List[WebSocketServer] = []
+    """``make_server(blocks, **options)``: a started server on 127.0.0.1 port 0
+    (:func:`gaman_sync.testing.run_server`), shut down after the test, which
+    fails if the server left a thread or its listening socket behind."""
+    with contextlib.ExitStack() as stack:
+        def factory(blocks: Any, **options: Any) -> WebSocketServer:
+            return stack.enter_context(run_server(blocks, **options))
 
-    def factory(blocks: Any, **options: Any) -> WebSocketServer:
-        options.setdefault("port", 0)
-        server = WebSocketServer(blocks, **options)
-        servers.append(server)
-        return server.start()
-
-    yield factory
-    for server in servers:
-        server.shutdown(timeout=2)
+        yield factory
 
 
 @pytest.fixture

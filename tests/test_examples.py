@@ -181,3 +181,43 @@ def test_command_line_client_sends_lines_and_prints_answers(make_server):
         reader.join(WAIT)
         for stream in (proc.stdin, proc.stdout, proc.stderr):
             stream.close()
+
+
+def test_legacy_loop_broadcasts_readings_and_stops_on_ctrl_c():
+    """examples/legacy_loop.py in a subprocess: its blocking loop's readings
+    reach a client; a real SIGINT makes it exit 0, the client closed with 1001."""
+    import json
+    import queue
+
+    from gaman_sync import ConnectionClosed
+    from gaman_sync.testing import TestClient
+
+    env = dict(os.environ, PORT="0", INTERVAL="0.05", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "examples/legacy_loop.py"], cwd=ROOT, env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        lines: "queue.Queue[str]" = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout],
+                         daemon=True).start()
+        first = lines.get(timeout=WAIT)
+        match = re.fullmatch(r"listening on port (\d+)\n", first)
+        assert match, f"unexpected first line: {first!r}"
+        with TestClient(f"ws://127.0.0.1:{match.group(1)}/readings", timeout=WAIT) as client:
+            readings = [json.loads(client.recv()) for _ in range(2)]
+            assert readings[1]["count"] == readings[0]["count"] + 1
+            assert readings[0]["time"] <= readings[1]["time"]
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=WAIT)
+            assert proc.returncode == 0, err
+            assert "Traceback" not in err
+            while True:  # the readings sent before the close, then the close
+                try:
+                    json.loads(client.recv())
+                except ConnectionClosed:
+                    break
+            client.expect_close(1001)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

@@ -17,16 +17,20 @@ one TCP connection driven at the frame level instead:
 - **Writing.** :func:`frame` builds any frame: any opcode, FIN, reserved bits,
   masked or not with any key, a length that lies or is encoded in a longer
   form than needed. :meth:`RawPeer.send_frame` sends one; :meth:`RawPeer.send`
-  sends raw bytes; :func:`chunks` and :meth:`RawPeer.send_bytewise` split
-  bytes over several TCP writes (``TCP_NODELAY`` is on, so each write leaves
-  in its own segment).
+  sends raw bytes; :func:`chunks`, :meth:`RawPeer.send_chunks` and
+  :meth:`RawPeer.send_bytewise` split bytes over several TCP writes
+  (``TCP_NODELAY`` is on, so each write leaves in its own segment);
+  :func:`fragmented` lays out one message as fragments, with pings (or any
+  control frame) between them.
 - **Reading.** Every byte received goes through a :class:`FrameParser`, which
-  cuts the stream into :class:`Frame` objects. By default it is *strict*: it
-  expects what a server sends (whole, unmasked, unfragmented frames, known
-  opcodes, short control frames, valid UTF-8 in text), and anything else is a
-  :class:`ProtocolViolation`, an ``AssertionError``, raised as soon as the
-  header shows it. That is how two interleaved writes on the other side show
-  up. ``strict=False`` reads whatever arrives, masked or fragmented. Every
+  cuts the stream into :class:`Frame` objects and notes when the last byte
+  of each arrived (:meth:`RawPeer.recv_timed` returns it with the frame).
+  By default it is *strict*: it expects what a server sends (whole,
+  unmasked, unfragmented frames, known opcodes, short control frames, valid
+  UTF-8 in text), and anything else is a :class:`ProtocolViolation`, an
+  ``AssertionError``, raised as soon as the header shows it. That is how
+  two interleaved writes on the other side show up. ``strict=False`` reads
+  whatever arrives, masked or fragmented. Every
   read has a timeout: an endpoint that hangs fails the caller instead of
   hanging it (``socket.timeout``), and the end of the stream is
   :class:`PeerClosed` (or the ``eof`` flag, for the batch readers).
@@ -56,8 +60,9 @@ import socket
 import struct
 import threading
 import time
-from typing import (Any, Callable, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Type,
-                    Union)
+from collections import deque
+from typing import (Any, Callable, Deque, Iterable, List, NamedTuple, Optional, Sequence, Tuple,
+                    Type, Union)
 
 from ..protocol.frames import mask_payload
 from ..protocol.handshake import accept_token
@@ -65,8 +70,8 @@ from ..protocol.handshake import accept_token
 __all__ = ["CONT", "TEXT", "BINARY", "CLOSE", "PING", "PONG", "DEFAULT_TIMEOUT",
            "Frame", "FrameParser", "HTTPResponse", "HandshakeFailed", "MultiReader",
            "PeerClosed", "ProtocolViolation", "RawPeer", "chunks", "close_frame",
-           "close_payload", "connect_many", "frame", "handshake_request", "parse_close",
-           "raise_nofile"]
+           "close_payload", "connect_many", "fragmented", "frame", "handshake_request",
+           "parse_close", "raise_nofile"]
 
 CONT, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 """The opcodes of RFC 6455 5.2."""
@@ -188,6 +193,30 @@ def handshake_request(path: str = "/", *, host: str = "127.0.0.1",
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
+def fragmented(opcode: int, fragments: Sequence[Payload],
+               controls: Iterable[Tuple[int, bytes]] = (), **kw: Any) -> bytes:
+    """The bytes of one message sent as ``fragments`` (at least one; empty
+    ones allowed): the first frame has ``opcode``, the others are
+    continuations, the last has FIN. ``controls`` are ``(index, frame)``
+    pairs: each ``frame`` (the bytes of a ping, say: ``frame(PING, b"p")``)
+    goes right before fragment ``index`` (``len(fragments)``: after the
+    last), in the order given. ``kw`` as for :func:`frame` (mask, rsv...)."""
+    if not fragments:
+        raise ValueError("a message has at least one fragment")
+    before: dict = {}
+    for index, control in controls:
+        if not 0 <= index <= len(fragments):
+            raise ValueError(f"control frame index {index} out of 0..{len(fragments)}")
+        before.setdefault(index, []).append(control)
+    out = []
+    last = len(fragments) - 1
+    for i, piece in enumerate(fragments):
+        out.extend(before.get(i, ()))
+        out.append(frame(opcode if i == 0 else CONT, piece, fin=i == last, **kw))
+    out.extend(before.get(len(fragments), ()))
+    return b"".join(out)
+
+
 def chunks(data: bytes, cuts: Iterable[int]) -> List[bytes]:
     """``data`` split at the given offsets (sorted, deduplicated, clipped):
     the pieces to send as separate TCP writes."""
@@ -217,24 +246,37 @@ class FrameParser:
         self.strict = strict
         self._buf = bytearray()
         self._pos = 0  # where the next frame starts in _buf
+        self._base = 0  # the stream offset of _buf[0]
+        # (stream offset just past a chunk, monotonic time it arrived), oldest first
+        self._arrivals: Deque[Tuple[int, float]] = deque()
+        self.last_arrival: Optional[float] = None
+        """When the bytes that completed the frame last returned arrived
+        (``time.monotonic()``)."""
 
     @property
     def pending(self) -> int:
         """Bytes received that do not make a whole frame yet."""
         return len(self._buf) - self._pos
 
-    def append(self, data: bytes) -> None:
-        """Add received bytes without parsing them."""
+    def append(self, data: bytes, at: Optional[float] = None) -> None:
+        """Add received bytes without parsing them; ``at`` is when they
+        arrived (default: now)."""
         if self._pos:
             del self._buf[:self._pos]
+            self._base += self._pos
             self._pos = 0
         self._buf += data
+        if data:
+            self._arrivals.append((self._base + len(self._buf),
+                                   time.monotonic() if at is None else at))
 
     def take(self) -> bytes:
         """Remove and return every byte not parsed yet."""
         data = bytes(self._buf[self._pos:])
+        self._base += len(self._buf)
         self._buf = bytearray()
         self._pos = 0
+        self._arrivals.clear()
         return data
 
     def next_frame(self) -> Optional[Frame]:
@@ -278,16 +320,29 @@ class FrameParser:
             except UnicodeDecodeError:
                 raise ProtocolViolation(
                     f"text frame with invalid UTF-8: {payload[:60]!r}") from None
+        self._stamp(self._base + end)
         if end == len(buf):
             buf.clear()
+            self._base += end
             self._pos = 0
         else:
             self._pos = end
         return Frame(opcode, payload, bool(b0 & 0x80), (b0 >> 4) & 7, masked)
 
-    def feed(self, data: bytes) -> List[Frame]:
-        """Add ``data``; return every frame now whole."""
-        self.append(data)
+    def _stamp(self, stream_end: int) -> None:
+        """Set :attr:`last_arrival` for a frame that ends at ``stream_end``."""
+        arrivals = self._arrivals
+        while arrivals and arrivals[0][0] < stream_end:
+            arrivals.popleft()
+        if arrivals:
+            self.last_arrival = arrivals[0][1]
+            if arrivals[0][0] == stream_end:
+                arrivals.popleft()
+
+    def feed(self, data: bytes, at: Optional[float] = None) -> List[Frame]:
+        """Add ``data`` (arrived at ``at``, default now); return every frame
+        now whole."""
+        self.append(data, at)
         frames = []
         while True:
             f = self.next_frame()
@@ -473,6 +528,16 @@ class RawPeer:
         """Send a whole text message."""
         self.send_frame(TEXT, text)
 
+    def send_chunks(self, data: bytes, cuts: Iterable[int], pause: float = 0.0) -> None:
+        """Send ``data`` split at the offsets ``cuts`` (see :func:`chunks`),
+        one write per piece (so one TCP segment each), sleeping ``pause``
+        seconds between writes to keep the receiver's reads apart too."""
+        with self.write_lock:
+            for i, piece in enumerate(chunks(data, cuts)):
+                if i and pause:
+                    time.sleep(pause)
+                self.sock.sendall(piece)
+
     def send_bytewise(self, data: bytes) -> None:
         """Send ``data`` one byte per write (so one byte per TCP segment)."""
         with self.write_lock:
@@ -526,6 +591,14 @@ class RawPeer:
             if f is not None:
                 return f
             self.parser.append(self._read_or_raise(deadline))
+
+    def recv_timed(self, timeout: Optional[float] = None) -> Tuple[float, Frame]:
+        """``(arrived, frame)``: the next frame and the ``time.monotonic()`` at
+        which its last byte was read (``socket.timeout`` or
+        :class:`PeerClosed` if none comes)."""
+        f = self.recv_frame(timeout)
+        assert self.parser.last_arrival is not None
+        return self.parser.last_arrival, f
 
     def expect_close(self, timeout: Optional[float] = None) -> Frame:
         """The next frame, which must be a close frame."""
