@@ -19,10 +19,12 @@ Two ways to consume messages:
   stops reading, so a fast server is slowed by TCP, not by our memory.
 
 A message handed straight to a ``recv()`` that was waiting for it keeps the
-order a handler would give: the connection's thread handles nothing after
-it (no later frame, no close, no protocol error) until the application has
-come back, by calling ``recv``, ``send``, ``ping``, ``close`` or
-``terminate`` again, or for at most ``_HANDOFF_WAIT`` seconds. So an answer
+order a handler would give: the connection's thread handles nothing received
+after it (no later frame, no close, no protocol error) until the application
+has come back, by calling ``recv``, ``send``, ``ping``, ``close`` or
+``terminate`` again, or for at most ``_HANDOFF_WAIT`` seconds. It waits only
+when there is something to handle: with nothing more received, it goes back
+to reading at once, and a request-response exchange never waits. So an answer
 to a message goes out before whatever the server sent after it can close
 the connection: an echo is sent before the close frame of a protocol error
 in the next frame, as a server's ``on_message`` would send it (Autobahn
@@ -76,7 +78,7 @@ class ClientConnection(Connection):
     """
 
     __slots__ = ("response", "subprotocol", "url", "_messages", "_max_queue", "_arrived",
-                 "_has_handler", "_done", "_receivers", "_comebacks", "_handing")
+                 "_has_handler", "_done", "_receivers", "_comebacks", "_handing", "_awaiting")
 
     def __init__(self, transport: PlainTransport, protocol: Protocol, runtime: Runtime,
                  options: Options, url: str, response: Response, subprotocol: Optional[str],
@@ -94,11 +96,15 @@ class ClientConnection(Connection):
         self._done = threading.Event()
         self._receivers = 0    # threads waiting in recv()
         self._comebacks = 0    # counts the application's calls after a message
-        self._handing = False  # the connection's thread waits for the next one
+        self._handing = False  # the connection's thread waits for the application
+        self._awaiting: Optional[int] = None  # _comebacks when a message was handed over
+        hold = None
         if handler is None:
             handler = WebSocketHandler(on_message=self._enqueue)
+            hold = self._hold_for_app
         super().__init__(transport, protocol, runtime, options,
                          transport.sock.getpeername() or url, handler)
+        self.hold_events = hold
 
     # -- Receiving without a handler -----------------------------------------
 
@@ -111,27 +117,37 @@ class ClientConnection(Connection):
             handed = self._receivers > 0 and not self._messages
             self._messages.append(message)
             self._arrived.notify_all()
-            if not handed:
-                return
-            # A recv() takes it now: wait for the application to come back
-            # before handling what follows (see the module's docstring).
-            comebacks = self._comebacks
+            if handed:
+                # A recv() takes it now: what follows waits for the
+                # application to come back (see _hold_for_app).
+                self._awaiting = self._comebacks
+
+    def _hold_for_app(self) -> None:
+        """Called by the engine before it handles more of what was received:
+        if a message was just handed to a ``recv()``, wait (``_HANDOFF_WAIT``
+        at most) until the application comes back, so that its answer goes
+        out before whatever follows can close the connection."""
+        awaiting = self._awaiting
+        if awaiting is None:
+            return
+        with self._arrived:
             deadline = time.monotonic() + _HANDOFF_WAIT
             self._handing = True
             try:
-                while self._comebacks == comebacks and self.is_open:
+                while self._comebacks == awaiting and self.is_open:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
                     self._arrived.wait(remaining)
             finally:
                 self._handing = False
+                self._awaiting = None
 
     def _came_back(self) -> None:
         """The application acts again: the connection's thread may go on."""
+        self._comebacks += 1
         if self._handing:
             with self._arrived:
-                self._comebacks += 1
                 self._arrived.notify_all()
 
     def recv(self, timeout: Optional[float] = None) -> Union[str, bytes]:

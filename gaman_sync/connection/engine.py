@@ -96,7 +96,7 @@ class Connection:
                  "_proto", "_outgoing", "_outgoing_size", "_watched", "handler", "_opened",
                  "_aborted", "_abort_close", "_finished", "_reading", "_close_timer",
                  "_ping_timer", "_unanswered_since", "_next_ping", "_started", "_dropped",
-                 "_preamble", "_refused",
+                 "_preamble", "_refused", "hold_events",
                  "__dict__", "__weakref__")
 
     def __init__(self, transport: Transport, protocol: Protocol, runtime: Runtime,
@@ -132,6 +132,9 @@ class Connection:
         # For the DEBUG line at the end only: a float less per connection otherwise.
         self._started = time.monotonic() if logger.isEnabledFor(logging.DEBUG) else 0.0
         self._dropped = 0  # messages not delivered because our close had started
+        self.hold_events: Optional[Callable[[], None]] = None
+        """For subclasses: called before each event while received bytes wait
+        to be handled; it may wait (a client's recv() hand-off)."""
         self._refused = False
         self._preamble = preamble
         if preamble is not None:
@@ -543,11 +546,14 @@ class Connection:
         proto = self._proto
         handler = self.handler
         on_message = handler.on_message
+        hold = self.hold_events
         size = _RECV_MIN
         event: Any  # one of protocol's event classes, told apart by type()
         while True:
             # Everything the last read brought in, one event at a time.
             while True:
+                if hold is not None and proto.has_buffered_input():
+                    hold()
                 with lock:
                     out, event = proto.next_event()
                     if out:

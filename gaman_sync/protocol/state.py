@@ -127,6 +127,10 @@ class Protocol:
         (unmasked); a client masks each frame with a key of its own."""
         return not self._mask
 
+    def has_buffered_input(self) -> bool:
+        """Are there received bytes not parsed yet?"""
+        return self._decoder.has_input()
+
     def receive_data(self, data: bytes) -> None:
         """Bytes from the peer. Ignored once the connection has failed or closed."""
         if self.state is not _CLOSED:

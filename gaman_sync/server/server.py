@@ -156,10 +156,12 @@ class WebSocketServer:
             if self._acceptor is not None:
                 raise RuntimeError("this server serves adopted sockets only: it was "
                                    "given one by adopt() before start()")
-            self._listener = _listen(self.host, self._requested_port, self._backlog)
-            self._address = self._listener.getsockname()
-            self._listener.setblocking(False)
-            in_use, why_not = self._start_accepting(self._listener)
+            listener = _listen(self.host, self._requested_port, self._backlog)
+            self._address = listener.getsockname()
+            listener.setblocking(False)
+            in_use, why_not = self._start_accepting(listener)
+            # Last: `listening` turns true only once address and port are known.
+            self._listener = listener
         logger.info("listening on %s (C helper %s)", format_address(self.address),
                     "in use" if in_use else f"not in use: {why_not}")
         return self
