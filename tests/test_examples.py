@@ -221,3 +221,91 @@ def test_legacy_loop_broadcasts_readings_and_stops_on_ctrl_c():
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def test_redirect_example_follows_the_old_path(make_server):
+    """examples/redirect.py: /chat/:room is redirected (308) to /rooms/:room
+    with the room and the query; our client follows and reports each hop."""
+    from gaman_sync import InvalidStatus
+    from gaman_sync import connect as our_connect
+
+    from examples import redirect
+
+    server = make_server(redirect.blocks)
+    base = f"ws://127.0.0.1:{server.port}"
+    with pytest.raises(InvalidStatus) as info:
+        our_connect(base + "/chat/hall?x=1", follow_redirects=False, open_timeout=WAIT)
+    assert info.value.status == 308
+    assert info.value.headers.get("location") == "/rooms/hall?x=1"
+    hops = []
+    with our_connect(base + "/chat/hall?x=1", open_timeout=WAIT,
+                     on_redirect=lambda url, request: hops.append((url, request.target))) as ws:
+        assert ws.url == base + "/rooms/hall?x=1"
+        assert ws.recv(timeout=WAIT) == "welcome to hall"
+        ws.send("echo")
+        assert ws.recv(timeout=WAIT) == "echo"
+    assert hops == [(base + "/rooms/hall?x=1", "/rooms/hall?x=1")]
+    with connect(base + "/chat/porch") as ws:  # websockets' client follows it too
+        assert ws.recv(timeout=WAIT) == "welcome to porch"
+
+
+def test_redirect_example_runs_as_a_script():
+    out = subprocess.run([sys.executable, "examples/redirect.py"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=WAIT)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    match = re.fullmatch(r"connecting to (ws://127\.0\.0\.1:\d+)/chat/kitchen\?lang=en", lines[0])
+    assert match, lines
+    base = match.group(1)
+    assert lines[1:] == [f"redirected to {base}/rooms/kitchen?lang=en "
+                         "(GET /rooms/kitchen?lang=en)",
+                         f"connected to {base}/rooms/kitchen?lang=en",
+                         "welcome to kitchen"]
+    assert "Traceback" not in out.stderr
+    assert "redirected /chat/kitchen?lang=en to" in out.stderr  # the server's on_redirect
+
+
+def test_auth_example_refuses_without_a_token_and_names_the_user(make_server):
+    """examples/auth.py: 401 without a valid token (both clients); with one,
+    in the query or a header, the user's name is on ctx."""
+    from websockets.exceptions import InvalidStatus as WsInvalidStatus
+
+    from gaman_sync import InvalidStatus
+    from gaman_sync import connect as our_connect
+
+    from examples import auth
+
+    server = make_server(auth.block)
+    url = f"ws://127.0.0.1:{server.port}/private"
+    for target, headers in [(url, None), (url + "?token=nope", None),
+                            (url, {"Authorization": "Bearer nope"}),
+                            (url, {"Authorization": "Basic alice-secret"})]:
+        with pytest.raises(InvalidStatus) as info:
+            our_connect(target, headers=headers, open_timeout=WAIT)
+        assert info.value.status == 401
+        assert info.value.headers.get("www-authenticate") == 'Bearer realm="private"'
+        with pytest.raises(WsInvalidStatus) as ws_info:
+            connect(target, additional_headers=headers)
+        assert ws_info.value.response.status_code == 401
+    assert server.clients == []  # the handler never ran
+
+    with our_connect(url + "?token=alice-secret", open_timeout=WAIT) as ws:
+        assert ws.recv(timeout=WAIT) == "hello alice"
+        ws.send("hi")
+        assert ws.recv(timeout=WAIT) == "alice: hi"
+        assert [ctx.user for ctx in server.clients] == ["alice"]
+    with connect(url, additional_headers={"Authorization": "Bearer bob-secret"}) as ws:
+        assert ws.recv(timeout=WAIT) == "hello bob"
+
+
+def test_auth_example_runs_as_a_script():
+    out = subprocess.run([sys.executable, "examples/auth.py"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=WAIT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        'without a token: 401 (Bearer realm="private")',
+        "with a token in the query: hello alice",
+        "with a token in a header: hello bob",
+        "bob: hi",
+    ]
+    assert "Traceback" not in out.stderr

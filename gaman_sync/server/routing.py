@@ -5,8 +5,10 @@ A block's path is a pattern of segments: ``/chat`` (static), ``/rooms/:room``
 zero or more segments). The request's path is split on ``/`` as sent, and
 each segment is percent-decoded once, so an encoded ``%2F`` stays inside its
 segment and never moves a boundary. A parameter never matches an empty
-segment, ``.`` or ``..`` (nor does the rest of a ``*``), so that a value can
-be joined to a file path without climbing out of it.
+segment, ``.`` or ``..``, nor a segment that holds one between ``/`` once
+decoded (``%2E%2E%2Fx`` is ``../x``); nor does the rest of a ``*`` (except a
+lone trailing ``/``: ``/files/`` matches ``/files/*`` with an empty rest), so
+that a value can be joined to a file path without climbing out of it.
 
 Precedence, when several patterns match:
 
@@ -30,6 +32,13 @@ T = TypeVar("T")
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _UNSAFE = frozenset(("", ".", ".."))
+
+
+def _unsafe(segment: str) -> bool:
+    """Does a decoded segment climb (``..``), stay (``.``) or start over
+    (empty), alone or between the ``/`` an encoded ``%2F`` put in it?"""
+    return segment in _UNSAFE or ("/" in segment
+                                  and any(part in _UNSAFE for part in segment.split("/")))
 
 
 def split_path(raw_path: str) -> List[str]:
@@ -91,14 +100,14 @@ class Pattern:
         params: Dict[str, str] = {}
         for (is_param, text), segment in zip(mine, segments):
             if is_param:
-                if segment in _UNSAFE:
+                if _unsafe(segment):
                     return None
                 params[text] = segment
             elif segment != text:
                 return None
         if self.rest:
             rest = segments[len(mine):]
-            if any(s in _UNSAFE for s in rest) and rest != [""]:
+            if rest != [""] and any(_unsafe(s) for s in rest):
                 return None
             params["*"] = "/".join(rest)
         return params
@@ -117,7 +126,9 @@ class Router(Generic[T]):
                 raise ValueError(f"two blocks share the path {path!r}")
             seen.add(path)
             if pattern.is_exact:
-                self._exact[tuple(text for _, text in pattern.segments)] = target
+                # Two paths may decode to the same segments (/%61, /a): the
+                # first given wins, as between patterns.
+                self._exact.setdefault(tuple(text for _, text in pattern.segments), target)
             else:
                 patterns.append((-pattern.static_prefix, index, pattern, target))
         patterns.sort(key=lambda item: (item[0], item[1]))
