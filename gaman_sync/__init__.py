@@ -3,6 +3,9 @@ with the API of GamanJS's WebSocket blocks.
 
 Layers, each a folder, each importing only the ones below it:
 
+- :mod:`~gaman_sync.testing` (and :mod:`~gaman_sync.strategies`): what
+  users test with (a test client, a raw peer, a pytest plugin, hypothesis
+  strategies), above the ends it drives;
 - :mod:`~gaman_sync.app`: the GamanJS contract (blocks);
 - :mod:`~gaman_sync.server` and :mod:`~gaman_sync.client`: the two ends;
 - :mod:`~gaman_sync.connection`: the engine they share (the connection's

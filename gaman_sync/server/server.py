@@ -134,6 +134,21 @@ class WebSocketServer:
         """True from :meth:`start` until :meth:`shutdown`."""
         return self._listener is not None and not self._closing
 
+    @property
+    def threads(self) -> List[threading.Thread]:
+        """The live threads of this server: its accept thread and its
+        runtime's (timers, writer, connections). Empty once it has shut down
+        cleanly."""
+        accept = self._accept_thread
+        return [t for t in threading.enumerate() if t.is_alive()
+                and (t is accept or self.runtime.owns(t))]
+
+    @property
+    def listener_open(self) -> bool:
+        """Is the listening socket open (from start() until the shutdown closed it)?"""
+        listener = self._listener
+        return listener is not None and listener.fileno() != -1
+
     def url(self, path: str = "/") -> str:
         """``ws://host:port/path`` for this server (once started)."""
         host = self.address[0]

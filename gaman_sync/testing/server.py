@@ -50,15 +50,7 @@ counts as left behind."""
 def server_threads(server: WebSocketServer) -> List[threading.Thread]:
     """The live threads of ``server``: its runtime's (timers, writer,
     connections) and its accept thread."""
-    accept = getattr(server, "_accept_thread", None)
-    return [t for t in threading.enumerate()
-            if t.name.startswith("gaman_sync-")
-            and (t is accept or server.runtime.owns(t))]
-
-
-def _listener_open(server: WebSocketServer) -> bool:
-    listener = getattr(server, "_listener", None)
-    return listener is not None and listener.fileno() != -1
+    return server.threads
 
 
 def _where(thread: threading.Thread, depth: int = 4) -> str:
@@ -80,7 +72,7 @@ def leftovers(server: WebSocketServer, grace: float = LEAK_GRACE) -> List[str]:
             thread.join(max(deadline - time.monotonic(), 0.0))
     problems = [f"thread {t.name!r} is still running, at:\n{_where(t)}"
                 for t in server_threads(server) if t is not threading.current_thread()]
-    if _listener_open(server):
+    if server.listener_open:
         problems.append(f"its listening socket (port {server.port}) is still open")
     return problems
 
