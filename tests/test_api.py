@@ -10,6 +10,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed as ClientClosed
 from websockets.sync.client import connect
 
+from gaman_sync import connect as gaman_connect
 from gaman_sync import (ConnectionClosed, ReadyState, WebSocketHandler, WebSocketServer,
                         define_block)
 
@@ -500,3 +501,24 @@ def http_get(server, path, upgrade):
     sock.close()
     head, _, body = data.partition(b"\r\n\r\n")
     return head.split(b"\r\n")[0], body
+
+
+def test_a_server_that_only_adopts_sockets_sleeps_while_idle():
+    """A server that never listened (adopt() only) has an accept thread that
+    waits for work; it once spun on a zero timeout, taking a core."""
+    import resource
+
+    server = WebSocketServer(define_block("/echo", lambda ctx: {"on_message": ctx.send}))
+    a, b = socket.socketpair()
+    try:
+        server.adopt(a)
+        with gaman_connect("ws://local/echo", sock=b, ping_interval=None) as client:
+            client.send("x")
+            assert client.recv(timeout=WAIT) == "x"
+            before = resource.getrusage(resource.RUSAGE_SELF)
+            threading.Event().wait(0.5)  # idle on purpose: the CPU it costs is measured
+            after = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        assert cpu < 0.15, f"{cpu:.2f} s of CPU in 0.5 s idle"
+    finally:
+        server.shutdown(timeout=WAIT)

@@ -114,7 +114,7 @@ class Acceptor:
             while not self._stopping:
                 now = time.monotonic()
                 timeout = self._next_timeout(now)
-                if not listening:
+                if not listening and self._listener is not None:  # backing off
                     wait = max(retry_at - now, 0.0)
                     timeout = wait if timeout is None else min(timeout, wait)
                 for key, _ in selector.select(timeout):
