@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import threading
-from typing import Any, Callable, List
+from typing import Any, Callable, Iterator, List, Sequence
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -66,3 +67,19 @@ def make_server():
 def echo_server(make_server):
     """A server with an echo block at /echo."""
     return make_server(define_block("/echo", lambda ctx: {"on_message": ctx.send}))
+
+
+@contextlib.contextmanager
+def child(args: Sequence[str]) -> Iterator[subprocess.Popen]:
+    """``subprocess.Popen(args)`` with stdin, stdout and stderr piped, as
+    UTF-8 text; on exit, killed if still running and its pipes closed."""
+    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, encoding="utf-8")
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(WAIT)
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            stream.close()

@@ -21,6 +21,7 @@ import errno
 import os
 import socket
 import struct
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -37,7 +38,7 @@ from gaman_sync import (ConnectionClosed, ConnectionClosedError, ConnectionClose
                         InvalidURI, define_block)
 from gaman_sync.protocol.handshake import accept_token
 
-from .conftest import WAIT, Recorder
+from .conftest import WAIT, Recorder, child
 
 MiB = 1024 * 1024
 BIG = 8 * MiB
@@ -700,6 +701,26 @@ def test_wrong_arguments_are_one_clear_error(kwargs, error, words):
         with pytest.raises(error, match=words) as caught:
             gaman_sync.connect(url, **kwargs)
     assert not isinstance(caught.value, OSError)
+
+
+# -- The command line ------------------------------------------------------------
+
+
+def test_python_m_gaman_sync_client_against_websockets(ws_peer):
+    """``python -m gaman_sync.client URL`` against websockets' server: each
+    line of stdin is sent and its answer printed (binary as a repr); a 1000
+    from the server ends it with status 0, another code is said on stderr,
+    status 1. (Its stdin stays open: at the end of stdin the client closes,
+    and answers that arrive after its close started are dropped.)"""
+    def run(lines: str) -> Tuple[int, str, str]:
+        with child([sys.executable, "-m", "gaman_sync.client", ws_peer.url()]) as proc:
+            proc.stdin.write(lines)
+            proc.stdin.flush()
+            return proc.wait(WAIT), proc.stdout.read(), proc.stderr.read()
+
+    assert run("hello\nünïcode ✓\n!big 3\n!close 1000 done\n") == (
+        0, "hello\nünïcode ✓\nb'ZZZ'\n", "")
+    assert run("!close 4005 not today\n") == (1, "", "closed by the server: 4005 not today\n")
 
 
 # -- Raw TCP servers ---------------------------------------------------------------------
