@@ -710,8 +710,7 @@ def test_python_m_gaman_sync_client_against_websockets(ws_peer):
     """``python -m gaman_sync.client URL`` against websockets' server: each
     line of stdin is sent and its answer printed (binary as a repr); a 1000
     from the server ends it with status 0, another code is said on stderr,
-    status 1. (Its stdin stays open: at the end of stdin the client closes,
-    and answers that arrive after its close started are dropped.)"""
+    status 1. (Its stdin stays open here; the end of stdin is the next test.)"""
     def run(lines: str) -> Tuple[int, str, str]:
         with child([sys.executable, "-m", "gaman_sync.client", ws_peer.url()]) as proc:
             proc.stdin.write(lines)
@@ -721,6 +720,16 @@ def test_python_m_gaman_sync_client_against_websockets(ws_peer):
     assert run("hello\nünïcode ✓\n!big 3\n!close 1000 done\n") == (
         0, "hello\nünïcode ✓\nb'ZZZ'\n", "")
     assert run("!close 4005 not today\n") == (1, "", "closed by the server: 4005 not today\n")
+
+
+def test_python_m_gaman_sync_client_waits_for_answers_at_the_end_of_stdin(ws_peer):
+    """``echo hi | python -m gaman_sync.client URL`` prints the echo: at the
+    end of stdin it waits until no answer has come for ``--wait`` seconds,
+    then closes with 1000 and exits 0."""
+    with child([sys.executable, "-m", "gaman_sync.client", "--wait", "0.5",
+                ws_peer.url()]) as proc:
+        out, err = proc.communicate("one\ntwo\n", timeout=WAIT)
+    assert (proc.returncode, out, err) == (0, "one\ntwo\n", "")
 
 
 # -- Raw TCP servers ---------------------------------------------------------------------

@@ -2,7 +2,9 @@
 sends each line of stdin and prints what comes back.
 
 Text messages are printed as they are, binary ones as ``bytes`` reprs. At the
-end of stdin (Ctrl-D) it closes with 1000 and exits 0; if the server closes
+end of stdin (Ctrl-D) it waits for answers until none has come for
+``--wait`` seconds (1 by default; so ``echo hi | python -m gaman_sync.client
+URL`` prints the echo), then closes with 1000 and exits 0; if the server closes
 first with another code, it says why and exits 1 (a refused or failed
 connection: 1, a missing URL: 2, Ctrl-C: 130). Redirects are followed.
 
@@ -24,13 +26,40 @@ from .client import ClientConnection, connect
 __all__ = ["main", "send_lines"]
 
 
-def send_lines(conn: ClientConnection, lines: Iterable[str]) -> None:
-    """Send each line (without its line ending); close with 1000 at the end."""
+class Quiet:
+    """Tells the sender when no message has arrived for a while."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._count = 0
+
+    def arrived(self) -> None:
+        """A message was printed (the main thread)."""
+        with self._cond:
+            self._count += 1
+            self._cond.notify_all()
+
+    def wait(self, seconds: float) -> None:
+        """Return once ``seconds`` have passed without a message."""
+        with self._cond:
+            while True:
+                seen = self._count
+                self._cond.wait(seconds)
+                if self._count == seen:
+                    return
+
+
+def send_lines(conn: ClientConnection, lines: Iterable[str], quiet: Optional[Quiet] = None,
+               wait: float = 0.0) -> None:
+    """Send each line (without its line ending); at the end, wait until no
+    message has come for ``wait`` seconds, then close with 1000."""
     try:
         for line in lines:
             conn.send(line.rstrip("\r\n"))
     except ConnectionClosed:
         return  # the server closed first: the main thread reports it
+    if quiet is not None and wait > 0:
+        quiet.wait(wait)
     conn.close(1000)
 
 
@@ -40,7 +69,12 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m gaman_sync.cli
         prog=prog,
         description="Send each line of stdin to a WebSocket server; print what comes back.")
     parser.add_argument("url", help="the server's URL, e.g. ws://127.0.0.1:8000/echo")
+    parser.add_argument("--wait", type=float, default=1.0, metavar="SECONDS",
+                        help="at the end of stdin, wait for answers until none has come "
+                             "for this long (default %(default)s)")
     args = parser.parse_args(argv)
+    if not args.wait >= 0:
+        parser.error(f"--wait: expected a number of seconds of 0 or more, not {args.wait}")
 
     try:
         conn = connect(args.url)
@@ -48,11 +82,14 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m gaman_sync.cli
         print(f"error: cannot connect to {args.url}: {exc}", file=sys.stderr)
         return 1
 
-    sender = threading.Thread(target=send_lines, args=(conn, sys.stdin), daemon=True)
+    quiet = Quiet()
+    sender = threading.Thread(target=send_lines, args=(conn, sys.stdin, quiet, args.wait),
+                              daemon=True)
     sender.start()
     try:
         for message in conn:  # ends when the connection closes normally
             print(message if isinstance(message, str) else repr(message), flush=True)
+            quiet.arrived()
     except ConnectionClosedError as exc:
         print(f"closed by the server: {exc.code} {exc.reason}".rstrip(), file=sys.stderr)
         return 1
