@@ -4,7 +4,10 @@ public testing toolkit only: ``gaman_sync.strategies`` for the messages,
 
 The property: for any interleaving of joins, messages and leaves, every
 member present when a message is sent receives it exactly once, in the
-order the messages were sent (its sender too: the room echoes). Hypothesis
+order the messages were sent (its sender too: the room echoes). The room
+speaks JSON: a text message arrives as ``{"type": "message", "from": id,
+"text": ...}`` and is compared as (sender's id, text); a binary one arrives
+as it was sent; the room's notices of who joined or left are not messages. Hypothesis
 drives a state machine: its model is the list of members present and what
 each must have received so far; after each message, every member present
 reads until it holds as many messages as the model says, and the two lists
@@ -17,7 +20,8 @@ Run it: ``pytest examples/test_chat.py``.
 
 from __future__ import annotations
 
-from typing import List, Union
+import json
+from typing import List, Optional, Tuple, Union
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -32,7 +36,7 @@ from .chat import block
 WAIT = 3.0  # seconds: the longest a member waits for a message that is due
 MAX_MEMBERS = 4
 
-Message = Union[str, bytes]
+Message = Union[Tuple[int, str], bytes]  # (sender's id, text), or binary as sent
 
 
 class Member:
@@ -41,15 +45,22 @@ class Member:
     def __init__(self, name: str, port: int) -> None:
         self.name = name
         self.peer = RawPeer.open("127.0.0.1", port, "/chat", name=name, timeout=WAIT)
+        self.id: Optional[int] = None
         self.expected: List[Message] = []
         self.received: List[Message] = []
+        # The room's welcome comes first, with this member's id.
+        self.peer.read_until(lambda: self.id is not None, self.on_frame, timeout=WAIT)
 
     def __repr__(self) -> str:
         return self.name
 
     def on_frame(self, frame: Frame) -> None:
         if frame.opcode == TEXT:
-            self.received.append(frame.payload.decode("utf-8"))
+            event = json.loads(frame.payload.decode("utf-8"))
+            if event["type"] == "welcome":
+                self.id = event["id"]
+            elif event["type"] == "message":
+                self.received.append((event["from"], event["text"]))
         elif frame.opcode == BINARY:
             self.received.append(frame.payload)
 
@@ -91,7 +102,7 @@ class ChatRoom(RuleBasedStateMachine):
         sender = data.draw(st.sampled_from(self.members), label="sender")
         sender.peer.send_frame(TEXT if isinstance(message, str) else BINARY, message)
         for member in self.members:
-            member.expected.append(message)
+            member.expected.append((sender.id, message) if isinstance(message, str) else message)
         for member in self.members:
             self.check(member)
 

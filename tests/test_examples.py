@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -30,17 +32,46 @@ def test_echo(make_server):
         assert ws.recv(timeout=WAIT) == b"\x01\x02"
 
 
+def chat_said(ws):
+    """The next message of the chat room (examples/chat.py) that ``ws``
+    receives, as (sender's name, text); who joined or left is skipped."""
+    while True:
+        event = json.loads(ws.recv(timeout=WAIT))
+        if event["type"] == "message":
+            return event["name"], event["text"]
+
+
 def test_chat_clients_see_each_other(make_server):
     server = make_server(chat.block)
     address = f"ws://127.0.0.1:{server.port}/chat"
-    with connect(address) as alice, connect(address) as bob:
+    with connect(address + "?name=alice") as alice, connect(address + "?name=bob") as bob:
         # A client that has its 101 is already in the room: no waiting.
         alice.send("hi from alice")
-        assert bob.recv(timeout=WAIT) == "hi from alice"
-        assert alice.recv(timeout=WAIT) == "hi from alice"
+        assert chat_said(bob) == ("alice", "hi from alice")
+        assert chat_said(alice) == ("alice", "hi from alice")
         bob.send("hi from bob")
-        assert alice.recv(timeout=WAIT) == "hi from bob"
-        assert bob.recv(timeout=WAIT) == "hi from bob"
+        assert chat_said(alice) == ("bob", "hi from bob")
+        assert chat_said(bob) == ("bob", "hi from bob")
+
+
+def test_chat_tells_who_is_in_the_room_and_serves_its_page(make_server):
+    server = make_server(chat.block)
+    address = f"ws://127.0.0.1:{server.port}/chat"
+    with connect(address + "?name=alice") as alice:
+        me = json.loads(alice.recv(timeout=WAIT))
+        assert me == {"type": "welcome", "id": me["id"], "name": "alice"}
+        with connect(address) as guest:
+            you = json.loads(guest.recv(timeout=WAIT))
+            assert you["name"] == f"guest {you['id']}"
+            names = []
+            while names != ["alice", you["name"]]:  # alice's own join first, then the guest's
+                names = [m["name"] for m in json.loads(alice.recv(timeout=WAIT))["members"]]
+        event = json.loads(alice.recv(timeout=WAIT))
+        assert event["left"]["id"] == you["id"] and event["members"] == [
+            {"id": me["id"], "name": "alice"}]
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/", timeout=WAIT) as page:
+        assert page.headers["Content-Type"] == "text/html; charset=utf-8"
+        assert page.read() == (ROOT / "examples" / "chat.html").read_bytes()
 
 
 def test_basic_block_from_the_gamanjs_page(make_server, caplog):
@@ -91,7 +122,7 @@ def test_chat_runs_from_the_command_line(command, stop):
         address = f"ws://127.0.0.1:{port}/chat"
         with connect(address) as alice, connect(address) as bob:
             alice.send("across processes")
-            assert bob.recv(timeout=WAIT) == "across processes"
+            assert chat_said(bob)[1] == "across processes"
         proc.send_signal(stop)  # either shuts it down cleanly
         _, err = proc.communicate(timeout=WAIT)
         assert proc.returncode == 0

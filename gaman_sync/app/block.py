@@ -1,8 +1,11 @@
 """Blocks: a path and the handler that serves WebSocket connections on it
-(GamanJS's ``defineBlock``), and what the block decides at the handshake."""
+(GamanJS's ``defineBlock``), what the block decides at the handshake, and
+what it answers to plain HTTP (a page, a folder of files, a handler: see
+:mod:`gaman_sync.server.http`)."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence, Tuple, Union
 
@@ -10,6 +13,7 @@ from ..connection import HandlerLike, WebSocketHandler, as_handler, reject_corou
 from ..options import check_origins
 from ..protocol import Request
 from ..server.decisions import REDIRECT_STATUSES, Decision
+from ..server.http import HttpHandler, Page, StaticFiles
 from ..server.routing import Pattern
 
 if TYPE_CHECKING:
@@ -19,15 +23,19 @@ __all__ = ["Block", "define_block"]
 
 Handler = Callable[["ServerConnection"], HandlerLike]
 Subprotocols = Union[Tuple[str, ...], Callable[[List[str], Request], Optional[str]]]
+PathLike = Union[str, "os.PathLike[str]"]
 
 
 @dataclass(frozen=True)
 class Block:
-    """A WebSocket endpoint: requests for ``path`` are served by ``websocket``.
+    """An endpoint: WebSocket upgrades for ``path`` are served by
+    ``websocket``, plain GET and HEAD requests by ``http``.
 
     ``websocket(ctx)`` is called once per connection, in that connection's
-    thread, before its 101 goes out, and returns its callbacks. The other
-    fields are described at :func:`define_block`.
+    thread, before its 101 goes out, and returns its callbacks. ``http`` is
+    the block's plain-HTTP responder: the ``http`` handler given, or the
+    one that ``page`` or ``static`` make. The other fields are described at
+    :func:`define_block`.
     """
 
     path: str
@@ -39,23 +47,34 @@ class Block:
     redirect: Optional[str] = None
     redirect_status: int = 308
     on_redirect: Optional[Callable[[str, Request], Any]] = None
+    http: Optional[HttpHandler] = None
+    page: Optional[str] = None
+    static: Optional[str] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str):
             raise TypeError(f"path must be a str starting with '/', not {self.path!r}")
         pattern = Pattern(self.path)  # ValueError naming the path when it is not one
+        self._check_http(pattern)
         if self.redirect is None:
-            if self.websocket is None:
-                raise TypeError("define_block() needs a websocket handler (or a redirect): "
+            if self.websocket is None and self.http is None:
+                raise TypeError("define_block() needs a websocket handler (or a redirect, "
+                                "or plain HTTP: http=, page= or static=): "
                                 "define_block(path, websocket=handler)")
-            if not callable(self.websocket):
+            if self.websocket is None:
+                if self.on_request is not None:
+                    raise TypeError("on_request decides on WebSocket upgrades: a block "
+                                    "without a websocket handler has none")
+            elif not callable(self.websocket):
                 raise TypeError("websocket must be a callable taking the connection context, "
                                 f"not {self.websocket!r}")
-            reject_coroutine(self.websocket, "the websocket handler")
+            else:
+                reject_coroutine(self.websocket, "the websocket handler")
         else:
-            if self.websocket is not None or self.on_request is not None:
-                raise TypeError("a redirect block has no websocket handler and no "
-                                "on_request: it only redirects")
+            if self.websocket is not None or self.on_request is not None \
+                    or self.http is not None:
+                raise TypeError("a redirect block has no websocket handler, no on_request "
+                                "and no plain HTTP: it only redirects")
             if not isinstance(self.redirect, str) or not self.redirect:
                 raise TypeError(f"redirect must be a path or URL (str), not {self.redirect!r}")
             missing = [n for n in pattern.names
@@ -84,6 +103,40 @@ class Block:
                 raise TypeError(f"{name} must be a function or None, not {value!r}")
             reject_coroutine(value, name)
 
+    def _check_http(self, pattern: Pattern) -> None:
+        made = isinstance(self.http, (Page, StaticFiles))  # by page= or static= (a copy)
+        given = [name for name in ("http", "page", "static")
+                 if getattr(self, name) is not None and not (name == "http" and made)]
+        if len(given) > 1:
+            raise TypeError(f"a block answers plain HTTP one way: http=, page= or static=, "
+                            f"not {' and '.join(given)}")
+        if self.page is not None:
+            if isinstance(self.http, Page):  # dataclasses.replace() on a page block
+                return
+            if not isinstance(self.page, (str, os.PathLike)):
+                raise TypeError(f"page must be a file path, not {self.page!r}")
+            responder: HttpHandler = Page(os.fspath(self.page))
+            object.__setattr__(self, "page", responder.file)  # type: ignore[attr-defined]
+        elif self.static is not None:
+            if isinstance(self.http, StaticFiles):
+                return
+            if not isinstance(self.static, (str, os.PathLike)):
+                raise TypeError(f"static must be a folder path, not {self.static!r}")
+            if not pattern.rest:
+                raise ValueError(f"a static block's path ends with '*', the file's path in "
+                                 f"the folder: {self.path.rstrip('/')}/* , not {self.path!r}")
+            responder = StaticFiles(os.fspath(self.static))
+            object.__setattr__(self, "static", responder.folder)  # type: ignore[attr-defined]
+        elif self.http is not None:
+            if not callable(self.http):
+                raise TypeError(f"http must be a function (request) -> (status, headers, "
+                                f"body), not {self.http!r}")
+            reject_coroutine(self.http, "the http handler")
+            return
+        else:
+            return
+        object.__setattr__(self, "http", responder)
+
     def handler_for(self, ctx: "ServerConnection") -> WebSocketHandler:
         """The callbacks for a new connection: ``websocket(ctx)``'s, checked."""
         assert self.websocket is not None
@@ -101,6 +154,9 @@ def define_block(
     redirect: Optional[str] = None,
     redirect_status: int = 308,
     on_redirect: Optional[Callable[[str, Request], Any]] = None,
+    http: Optional[HttpHandler] = None,
+    page: Optional[PathLike] = None,
+    static: Optional[PathLike] = None,
 ) -> Block:
     """Define a WebSocket block, as GamanJS's ``defineBlock`` does.
 
@@ -119,7 +175,14 @@ def define_block(
       use the path's parameters (``/r/:room``), with ``redirect_status``
       (308); the query string is carried over;
     - ``on_redirect(url, request)``: called with the absolute URL of each
-      redirect this block makes (a redirect block's, or ``on_request``'s).
+      redirect this block makes (a redirect block's, or ``on_request``'s);
+    - plain HTTP, one of: ``http(request)`` returns ``(status, headers,
+      body)`` for each GET or HEAD (called in a connection thread);
+      ``page``: a file served at the path; ``static``: a folder served
+      under a path ending in ``*`` (``/files/*``), without listings and
+      never outside the folder. A block may have both a ``websocket`` and
+      plain HTTP: an upgrade opens a WebSocket, a plain GET gets the page.
+      See :mod:`gaman_sync.server.http`.
     """
     if isinstance(subprotocols, (str, bytes)):
         raise TypeError(f"subprotocols must be a list of str, not a single "
@@ -130,4 +193,5 @@ def define_block(
     return Block(path=path, websocket=websocket, subprotocols=subprotocols,  # type: ignore
                  origins=origins, require_origin=require_origin,  # type: ignore[arg-type]
                  on_request=on_request, redirect=redirect, redirect_status=redirect_status,
-                 on_redirect=on_redirect)
+                 on_redirect=on_redirect, http=http, page=page,  # type: ignore[arg-type]
+                 static=static)  # type: ignore[arg-type]

@@ -13,6 +13,12 @@ time its connection is accepted: it is read at once, and the socket never
 enters the selector. Bad requests are answered (400, 404, 405, 426, 431,
 503) from here too, so garbage never reaches a connection thread.
 
+A request that is not a WebSocket upgrade fails the upgrade's checks (426,
+404 or 405); only then, off the upgrade's path, does this thread look for
+plain HTTP (see :mod:`.http`): the health path is answered from here, and a
+GET or HEAD for a block that serves HTTP is handed to a connection thread,
+since its answer runs user code or reads a file.
+
 An answer that refuses a request is followed by a *lingering close*: we stop
 writing (FIN) and read and discard until the client closes or a short
 deadline passes. Closing at once, with the client's bytes unread, would make
@@ -41,7 +47,8 @@ from ..io.waker import Waker
 from ..options import Options
 from ..protocol.handshake import (HandshakeError, RequestParser, accept_response, check_upgrade,
                                   error_response, to_request)
-from ..protocol.http import Request, format_address
+from ..protocol.http import Request, format_address, header_tokens
+from .http import health_response, text_response
 
 __all__ = ["Acceptor"]
 
@@ -55,6 +62,7 @@ _MAX_BACKOFF = 0.1
 Route = Callable[[Request], Any]
 Accepted = Callable[[socket.socket, Request, Any, Optional[str], bytes, Optional[bytes], bytes],
                     None]
+Plain = Callable[[socket.socket, Request, Any], None]
 
 
 class _Handshake:
@@ -76,11 +84,15 @@ class Acceptor:
     """Runs the accept loop of one server (call :meth:`run` in a thread)."""
 
     def __init__(self, listener: Optional[socket.socket], options: Options, route: Route,
-                 accepted: Accepted, capacity: Callable[[], int]) -> None:
+                 accepted: Accepted, capacity: Callable[[], int], plain: Optional[Plain] = None,
+                 health_path: Optional[str] = None) -> None:
         self._listener = listener
         self._options = options
         self._route = route
         self._accepted = accepted
+        self._plain = plain  # hands a plain HTTP request to a connection thread
+        self._health_path = health_path
+        self._serves_http = plain is not None or health_path is not None
         self._capacity = capacity  # how many more connections may be opened now
         self._selector = selectors.DefaultSelector()
         self._waker = Waker(self._selector)
@@ -244,9 +256,13 @@ class Acceptor:
                     not view.allows_origin(request.origin, self._options.origins):
                 raise HandshakeError(403, "this origin may not open a WebSocket here")
         except HandshakeError as exc:
-            self._reject(hs, exc)
+            if not (self._serves_http and self._answer_plain(hs, request, exc)):
+                self._reject(hs, exc)
             return
         if view.decides:
+            if not view.upgrades:
+                self._reject(hs, HandshakeError(404, f"no WebSocket endpoint at {request.path}"))
+                return
             # on_request, a redirect or a subprotocol function: user code, run
             # in the connection's thread, which then makes the 101 (or not).
             subprotocol, response = None, None
@@ -263,6 +279,38 @@ class Acceptor:
         # clients: a broadcast can then neither precede the 101 on the wire
         # nor miss a client that has it.
         self._accepted(hs.sock, request, view, subprotocol, trailing_data, response, key)
+
+    def _answer_plain(self, hs: _Handshake, request: Request, exc: HandshakeError) -> bool:
+        """A request that failed the upgrade's checks with ``exc``, on a
+        server that serves plain HTTP: answer it as plain HTTP if it is (True),
+        or leave it to the refusal (False)."""
+        if any(t.lower() == "websocket"
+               for t in header_tokens(request.headers.get_all("upgrade"))):
+            return False  # an upgrade that failed: its refusal stands
+        method = request.method
+        if method in ("GET", "HEAD") and request.raw_path == self._health_path:
+            self._refuse(hs, health_response(method == "HEAD"))
+            return True
+        if self._plain is None:
+            return False
+        route = self._route(request)
+        if route is None or route[0].http is None:
+            if route is None and method in ("GET", "HEAD"):
+                logger.debug("answered %s %s from %s with 404", method, request.path,
+                             format_address(hs.address))
+                self._refuse(hs, text_response(404, f"nothing at {request.path}",
+                                               method == "HEAD"))
+                return True
+            return False
+        if method not in ("GET", "HEAD"):
+            self._reject(hs, HandshakeError(405, f"{request.path} answers GET and HEAD",
+                                            [("Allow", "GET, HEAD")]))
+            return True
+        view, request.params = route
+        self._forget(hs)
+        nonblocking.make_blocking(hs.sock)
+        self._plain(hs.sock, request, view)
+        return True
 
     # -- Refusing and closing -----------------------------------------------
 

@@ -2,7 +2,8 @@
 
 The server layer does not know GamanJS blocks: it serves *endpoints*, any
 object with a ``path``, the ``subprotocols`` it speaks and a
-``handler_for(ctx)`` that returns the connection's callbacks.
+``handler_for(ctx)`` that returns the connection's callbacks, and an
+``http`` responder for plain GET and HEAD requests (see :mod:`.http`).
 :class:`gaman_sync.Block` is one.
 """
 
@@ -40,6 +41,11 @@ class Endpoint(_Interface):
 
     path: str
     """The path pattern (see :mod:`.routing`)."""
+    websocket: Optional[Callable[[ServerConnection], Any]]
+    """The WebSocket handler; None for an endpoint that serves plain HTTP
+    only (or only redirects)."""
+    http: Optional[Callable[[Request], Any]]
+    """Answers plain GET and HEAD requests (see :mod:`.http`), or None."""
     subprotocols: Union[Tuple[str, ...], SubprotocolSelector]
     """The subprotocols it speaks, in its order of preference, or a function
     ``(offered, request) -> chosen or None``."""
@@ -80,15 +86,16 @@ class BlockServer:
         # thousands of connections ending at once would queue on (each
         # holder waiting its turn for the GIL among them).
         self._clients: Dict[ServerConnection, None] = {}
-
-    @property
-    def decides(self) -> bool:
-        """Does a request need a decision before its 101 (``on_request``, a
-        redirect, a subprotocol function)? Then it is made in the
+        self.upgrades = endpoint.websocket is not None or endpoint.redirect is not None
+        """Does it take WebSocket upgrades (else plain HTTP only)?"""
+        self.http = endpoint.http
+        """What answers plain GET and HEAD requests, or None."""
+        self.decides = (endpoint.on_request is not None or endpoint.redirect is not None
+                        or callable(endpoint.subprotocols) or not self.upgrades)
+        """Does an upgrade need more than the accept thread's checks before
+        its 101 (``on_request``, a redirect, a subprotocol function; or an
+        endpoint without WebSocket, which refuses it)? Then it is made in the
         connection's thread, not in the accept thread."""
-        endpoint = self.endpoint
-        return (endpoint.on_request is not None or endpoint.redirect is not None
-                or callable(endpoint.subprotocols))
 
     def checks_origin(self, default: Optional[Tuple[str, ...]]) -> bool:
         """Is there an ``origins`` list to check (the block's, or ``default``)?"""

@@ -27,7 +27,8 @@ from ..protocol.http import format_address
 from .acceptor import Acceptor
 from .blocks import BlockServer, Endpoint, Exclude, broadcast
 from .connection import ServerConnection
-from .routing import Router
+from .http import HttpExchange
+from .routing import Pattern, Router
 
 __all__ = ["WebSocketServer", "serve"]
 
@@ -58,10 +59,16 @@ class WebSocketServer:
     It is also a context manager (``start`` on entry, ``shutdown`` on exit).
     Options are keyword arguments, as listed in :class:`~gaman_sync.Options`.
     A server started and never shut down is shut down when the program exits.
+
+    ``health_path="/health"`` answers plain GET and HEAD requests for that
+    path with ``200 OK`` (body ``ok``) from the accept thread, for load
+    balancers; off by default. Blocks may serve plain HTTP too (``http=``,
+    ``page=``, ``static=``: see :mod:`gaman_sync.server.http`).
     """
 
     def __init__(self, blocks: Union[Endpoint, Sequence[Endpoint]], host: str = "127.0.0.1",
-                 port: int = 8000, *, backlog: int = 1024, **options: Any) -> None:
+                 port: int = 8000, *, backlog: int = 1024, health_path: Optional[str] = None,
+                 **options: Any) -> None:
         if isinstance(blocks, Endpoint):
             blocks = [blocks]
         elif isinstance(blocks, (str, bytes)) or not hasattr(blocks, "__iter__"):
@@ -89,6 +96,12 @@ class WebSocketServer:
         if not self._routes:
             raise ValueError("a server needs at least one block")
         self._router: Router[BlockServer] = Router(list(self._routes.items()))
+        if health_path is not None:
+            if not Pattern(health_path).is_exact:  # ValueError unless a path
+                raise ValueError(f"health_path must be a plain path, without parameters: "
+                                 f"{health_path!r}")
+        self.health_path = health_path
+        """The path answered with ``200 OK`` for health checks, or None."""
         self.runtime = Runtime("gaman_sync")
         """The shared threads: timers, the writer, the connection threads."""
         self._connections: Dict[ServerConnection, None] = {}
@@ -204,8 +217,10 @@ class WebSocketServer:
 
     def _start_accepting(self, listener: Optional[socket.socket]) -> Tuple[bool, str]:
         """The accept thread (the caller holds the lock)."""
+        serves_http = any(view.http is not None for view in self._routes.values())
         self._acceptor = Acceptor(listener, self.options, self._route, self._accepted,
-                                  self._capacity)
+                                  self._capacity, self._plain if serves_http else None,
+                                  self.health_path)
         self._accept_thread = threading.Thread(target=self._acceptor.run,
                                                name="gaman_sync-accept", daemon=True)
         self._accept_thread.start()
@@ -316,7 +331,22 @@ class WebSocketServer:
                 self.runtime, options, next(self._ids), request, view, subprotocol, response,
                 key)
             self._connections[conn] = None
+        self._launch(conn, sock)
 
+    def _plain(self, sock: socket.socket, request: Request, view: BlockServer) -> None:
+        """A plain HTTP request for a block that serves HTTP (in the accept
+        thread): its answer is made and sent in a connection thread."""
+        with self._lock:
+            if self._closing:
+                sock.close()
+                return
+            conn = HttpExchange(PlainTransport(sock), Protocol(Side.SERVER), self.runtime,
+                                self.options, next(self._ids), request, view, None, None)
+            self._connections[conn] = None
+        self._launch(conn, sock)
+
+    def _launch(self, conn: ServerConnection, sock: socket.socket) -> None:
+        """Run ``conn`` in a connection thread."""
         def serve() -> None:
             thread = threading.current_thread()
             thread.name = f"gaman_sync-conn-{conn.id}"
