@@ -95,6 +95,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="time a peer has to answer our close (default 10)")
     parser.add_argument("--shutdown-timeout", type=_seconds, metavar="SECONDS",
                         help="time clients have to close at shutdown (default 5)")
+    parser.add_argument("--health-path", metavar="PATH",
+                        help="answer plain GET PATH with 200 'ok', for load balancers "
+                             "(e.g. /health; default: off)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
@@ -107,6 +110,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     options = {name: getattr(args, name) for name in (
         "max_message_size", "max_connections", "ping_interval", "close_timeout",
         "shutdown_timeout") if getattr(args, name) is not None}
+    if args.health_path is not None:
+        if not args.health_path.startswith("/"):
+            parser.error(f"--health-path: expected a path starting with '/', "
+                         f"not {args.health_path!r}")
+        options["health_path"] = args.health_path
     try:
         serve(blocks, host=args.host, port=args.port, **options)
     except OSError as exc:  # the port is taken, the address is not ours, ...

@@ -594,3 +594,31 @@ def test_must_show_readme_documents_the_changes():
     ci = ROOT / ".ci" / "run"
     if ci.exists():
         assert test_command in ci.read_text()
+
+
+def test_cli_health_path_answers_load_balancers():
+    """``--health-path /health``: a plain GET of it gets 200 on the server's
+    port; a path that is not one is a usage error."""
+    import http.client
+
+    proc = subprocess.Popen([PYTHON, "-m", "gaman_sync", "examples.echo:block", "--port", "0",
+                             "--log-level", "info", "--health-path", "/health"],
+                            cwd=ROOT, env=_env(), stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True)
+    try:
+        line = _read_line(proc.stderr, r"listening on")
+        port = int(re.search(r":(\d+)", line.split("listening on", 1)[1]).group(1))
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)
+        conn.request("GET", "/health")
+        response = conn.getresponse()
+        assert (response.status, response.read().strip()) == (200, b"ok")
+        conn.close()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(WAIT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(WAIT)
+        proc.stderr.close()
+    refused = _cli("examples.echo:block", "--health-path", "health")
+    assert refused.returncode == 2 and "--health-path" in refused.stderr
