@@ -3,6 +3,8 @@ with the API of GamanJS's WebSocket blocks.
 
 Layers, each a folder, each importing only the ones below it:
 
+- :mod:`~gaman_sync.wsgi`: blocks mounted in a WSGI application (Flask,
+  Django) on the port its server already serves, above the server it runs;
 - :mod:`~gaman_sync.testing` (and :mod:`~gaman_sync.strategies`): what
   users test with (a test client, a raw peer, a pytest plugin, hypothesis
   strategies), above the ends it drives;
@@ -42,6 +44,7 @@ _EXPORTS = {
     "InvalidStatus": "exceptions", "InvalidHeader": "exceptions",
     "InvalidMessage": "exceptions", "HandshakeTimeout": "exceptions",
     "InvalidRedirect": "exceptions",
+    "WebSocketMiddleware": "wsgi",
 }
 # GamanJS's names for ours.
 _ALIASES = {"WebSocketContext": ("server", "ServerConnection")}
@@ -77,4 +80,5 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .protocol import CloseCode, Headers, Request, Response
     from .server import (Accept, BlockServer, Redirect, Reject, ServerConnection,
                          WebSocketServer, serve)
+    from .wsgi import WebSocketMiddleware
     WebSocketContext = ServerConnection

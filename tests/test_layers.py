@@ -31,6 +31,7 @@ RANKS = {
     "server": 4, "client": 4,
     "testing": 5,
     "app": 5,
+    "wsgi": 5,
     "cli": 6,
     "__init__": 7, "__main__": 7,
 }
@@ -106,7 +107,7 @@ def test_every_exported_name_exists_and_is_listed():
         gaman_sync.no_such_name  # noqa: B018
 
 
-@pytest.mark.parametrize("sub", ["app", "protocol", "io", "connection", "server", "client"])
+@pytest.mark.parametrize("sub", ["app", "protocol", "io", "connection", "server", "client", "wsgi"])
 def test_each_layer_exports_what_it_lists(sub):
     module = importlib.import_module(f"gaman_sync.{sub}")
     assert module.__all__, sub

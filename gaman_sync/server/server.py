@@ -319,19 +319,68 @@ class WebSocketServer:
         """A handshake was accepted (in the accept thread): give the connection
         its thread, which sends the 101 ``response`` (or, for a block that
         decides, makes it from ``key``) once its handler returned."""
-        options = self.options
         with self._lock:
-            if self._closing:
+            conn = self._connection(sock, request, view, subprotocol, trailing_data, response,
+                                    key)
+        if conn is not None:
+            self._launch(conn, sock)
+
+    def serve_socket(self, sock: socket.socket, request: Request, view: BlockServer,
+                     key: bytes, subprotocol: Optional[str] = None,
+                     response: Optional[bytes] = None, trailing_data: bytes = b"") -> None:
+        """Serve a connection whose opening handshake another server read and
+        checked, in the calling thread, until it ends (a WSGI server's worker
+        thread: see :mod:`gaman_sync.wsgi`). The server owns ``sock`` from here on.
+
+        ``request`` is routed to ``view`` (one of :attr:`blocks`, its
+        ``params`` set) and its upgrade checked; ``key`` is its
+        ``Sec-WebSocket-Key``; ``response`` is the 101 to send, with
+        ``subprotocol``, or None for a block that decides (``on_request``, a
+        redirect, a subprotocol function), which then answers from here;
+        ``trailing_data`` are bytes that came after the request. The
+        connection counts among this server's: ``clients``, ``broadcast``,
+        ``max_connections`` and ``shutdown`` (1001) treat it as one accepted
+        here. The server need not be started. Raises ``RuntimeError``, with
+        nothing sent and ``sock`` closed, once the server was shut down or
+        when ``max_connections`` are open."""
+        if sock.gettimeout() is not None:
+            sock.settimeout(None)  # the engine reads it in blocking mode
+        with self._lock:
+            refusal = ("the server was shut down" if self._closing or self._shutdown_started
+                       else f"max_connections ({self.options.max_connections}) reached"
+                       if self._capacity() <= 0 else None)
+            if refusal is not None:
                 sock.close()
-                return
-            conn = ServerConnection(
-                PlainTransport(sock),
-                Protocol(Side.SERVER, options.max_message_size, trailing_data,
-                         unmask_in_c=self._speedups),
-                self.runtime, options, next(self._ids), request, view, subprotocol, response,
-                key)
-            self._connections[conn] = None
-        self._launch(conn, sock)
+                raise RuntimeError(refusal)
+            _running.add(self)  # a program that exits shuts it down (1001)
+            self._speedups = speedups_status()[0]
+            conn = self._connection(sock, request, view, subprotocol, trailing_data, response,
+                                    key)
+        assert conn is not None
+        try:
+            conn.run()
+        finally:
+            # The caller's thread lives on: a shutdown must not wait for it to end.
+            conn.thread = None
+            self._forget(conn)
+
+    def _connection(self, sock: socket.socket, request: Request, view: BlockServer,
+                    subprotocol: Optional[str], trailing_data: bytes,
+                    response: Optional[bytes], key: bytes) -> Optional[ServerConnection]:
+        """The connection of an accepted handshake, counted among this
+        server's (the caller holds the lock); None, and ``sock`` closed, once
+        the server is closing."""
+        if self._closing:
+            sock.close()
+            return None
+        options = self.options
+        conn = ServerConnection(
+            PlainTransport(sock),
+            Protocol(Side.SERVER, options.max_message_size, trailing_data,
+                     unmask_in_c=self._speedups),
+            self.runtime, options, next(self._ids), request, view, subprotocol, response, key)
+        self._connections[conn] = None
+        return conn
 
     def _plain(self, sock: socket.socket, request: Request, view: BlockServer) -> None:
         """A plain HTTP request for a block that serves HTTP (in the accept
