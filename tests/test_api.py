@@ -522,3 +522,13 @@ def test_a_server_that_only_adopts_sockets_sleeps_while_idle():
         assert cpu < 0.15, f"{cpu:.2f} s of CPU in 0.5 s idle"
     finally:
         server.shutdown(timeout=WAIT)
+
+
+@pytest.mark.parametrize("timeout", ["5", -1, True, float("nan")])
+def test_shutdown_timeout_of_the_wrong_type_or_value_is_one_clear_error(timeout):
+    server = WebSocketServer(define_block("/", lambda ctx: {}), port=0)
+    try:
+        with pytest.raises(ValueError, match="timeout must be a number of seconds"):
+            server.shutdown(timeout)
+    finally:
+        server.shutdown()

@@ -269,6 +269,10 @@ class WebSocketServer:
         """
         if timeout is None:
             timeout = self.options.shutdown_timeout
+        elif isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+                or not timeout >= 0:
+            raise ValueError(f"timeout must be a number of seconds of 0 or more, or None "
+                             f"(the shutdown_timeout option), not {timeout!r}")
         if self.runtime.owns() or threading.current_thread() is self._accept_thread \
                 or interrupted_connection_code():
             with self._lock:
