@@ -17,9 +17,9 @@ readers' buffers), and ``shutdown`` (1001 to every client).
 
 A request that asks for a WebSocket (an ``Upgrade: websocket`` header) on a
 block's path is taken over; every other request goes to the wrapped
-application untouched. The one taken over is checked as the standalone
-server's accept thread checks it (method, :func:`~gaman_sync.protocol.handshake.check_upgrade`,
-origins, then the subprotocol and the 101 of
+application untouched. The one taken over is checked by the same code as in
+the standalone server's accept thread (``BlockServer.check_upgrade``: method,
+upgrade headers, origins; then the subprotocol and the 101 of
 :func:`~gaman_sync.protocol.handshake.accept_response`); a request that fails
 gets the same plain-text answer (400, 403, 405, 426) through the WSGI server,
 as any response, and one log line. Then the middleware takes the raw socket
@@ -111,7 +111,7 @@ from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple, Uni
 from urllib.parse import quote, urlsplit
 
 from .protocol import Headers, Request
-from .protocol.handshake import HandshakeError, accept_response, check_upgrade, error_response
+from .protocol.handshake import HandshakeError, accept_response, error_response
 from .protocol.http import format_address, header_tokens
 from .server import BlockServer, Endpoint, WebSocketServer
 from .server.routing import Router
@@ -185,15 +185,8 @@ class WebSocketMiddleware:
         if route is None or not getattr(route[0], "upgrades", True):
             return self.app(environ, start_response)
         view, request.params = route
-        options = self.server.options
         try:
-            if request.method != "GET":
-                raise HandshakeError(405, "a WebSocket handshake is a GET request",
-                                     [("Allow", "GET")])
-            key = check_upgrade(request)
-            if view.checks_origin(options.origins) and \
-                    not view.allows_origin(request.origin, options.origins):
-                raise HandshakeError(403, "this origin may not open a WebSocket here")
+            key = view.check_upgrade(request)
             sock = _socket_of(environ)
         except HandshakeError as exc:
             return _refuse(request, exc, start_response)

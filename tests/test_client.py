@@ -33,7 +33,7 @@ from websockets.exceptions import ConnectionClosed as WsClosed
 from websockets.sync.server import serve as ws_serve
 
 import gaman_sync
-from gaman_sync import (ConnectionClosed, ConnectionClosedError, ConnectionClosedOK,
+from gaman_sync import (ConnectionClosed, ConnectionClosedError,
                         HandshakeTimeout, InvalidHandshake, InvalidHeader, InvalidStatus,
                         InvalidURI, define_block)
 from gaman_sync.protocol.handshake import accept_token
@@ -254,7 +254,7 @@ def test_request_carries_headers_and_origin():
                                   headers={"X-Token": "t1", "User-Agent": "test/1"})
         conn.terminate()
         assert conn.wait_closed(WAIT)
-    assert seen["request-line"] == f"GET /path?q=1 HTTP/1.1"
+    assert seen["request-line"] == "GET /path?q=1 HTTP/1.1"
     assert seen["host"] == f"127.0.0.1:{raw.port}"
     assert seen["origin"] == "http://example.test"
     assert seen["x-token"] == "t1" and seen["user-agent"] == "test/1"

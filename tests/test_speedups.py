@@ -18,7 +18,6 @@ import threading
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from wsproto.frame_protocol import XorMaskerSimple
 
 from gaman_sync import define_block
 from gaman_sync.io import nonblocking

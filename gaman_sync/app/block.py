@@ -77,14 +77,11 @@ class Block:
                                 "and no plain HTTP: it only redirects")
             if not isinstance(self.redirect, str) or not self.redirect:
                 raise TypeError(f"redirect must be a path or URL (str), not {self.redirect!r}")
-            missing = [n for n in pattern.names
-                       if (f":{n}" if n != "*" else "*") not in self.redirect.split("/")]
             extra = [part[1:] for part in self.redirect.split("/")
                      if part.startswith(":") and part[1:] not in pattern.names]
             if extra:
                 raise ValueError(f"redirect {self.redirect!r} uses ':{extra[0]}', which "
                                  f"{self.path!r} does not have")
-            del missing  # parameters the target does not use are simply dropped
         if self.redirect_status not in REDIRECT_STATUSES:
             raise ValueError(f"redirect_status must be one of {REDIRECT_STATUSES}, not "
                              f"{self.redirect_status!r}")

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import socket
-from typing import Any, Callable, Sequence, Union
+from typing import Callable, Sequence, Union
 
 from . import nonblocking
 

@@ -21,7 +21,7 @@ the version, rather than silently turning a limit off.
 from __future__ import annotations
 
 import struct
-from typing import Any, Optional, Tuple, cast
+from typing import cast
 
 import wsproto
 from wsproto.frame_protocol import (Frame, FrameDecoder, FrameProtocol, Opcode, ParseFailed,

@@ -45,7 +45,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 from ..io import nonblocking
 from ..io.waker import Waker
 from ..options import Options
-from ..protocol.handshake import (HandshakeError, RequestParser, accept_response, check_upgrade,
+from ..protocol.handshake import (HandshakeError, RequestParser, accept_response,
                                   error_response, to_request)
 from ..protocol.http import Request, format_address, header_tokens
 from .http import health_response, text_response
@@ -251,10 +251,7 @@ class Acceptor:
             if route is None:
                 raise HandshakeError(404, f"no WebSocket endpoint at {request.path}")
             view, request.params = route
-            key = check_upgrade(request)
-            if view.checks_origin(self._options.origins) and \
-                    not view.allows_origin(request.origin, self._options.origins):
-                raise HandshakeError(403, "this origin may not open a WebSocket here")
+            key = view.check_upgrade(request)
         except HandshakeError as exc:
             if not (self._serves_http and self._answer_plain(hs, request, exc)):
                 self._reject(hs, exc)

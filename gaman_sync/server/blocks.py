@@ -10,14 +10,15 @@ object with a ``path``, the ``subprotocols`` it speaks and a
 from __future__ import annotations
 
 import logging
-from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence,
+from typing import (TYPE_CHECKING, Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence,
                     Tuple, Union)
 
 from typing import Protocol as _Interface
 from typing import runtime_checkable
 
 from ..connection import WebSocketHandler
-from ..protocol import Data, Request, encode_frame
+from ..protocol import Data, HandshakeError, Request, encode_frame
+from ..protocol.handshake import check_upgrade
 from .connection import ServerConnection
 from .decisions import Decision
 
@@ -90,6 +91,12 @@ class BlockServer:
         """Does it take WebSocket upgrades (else plain HTTP only)?"""
         self.http = endpoint.http
         """What answers plain GET and HEAD requests, or None."""
+        origins = endpoint.origins if endpoint.origins is not None else root.options.origins
+        self.origins: Optional[FrozenSet[str]] = (
+            None if origins is None or "*" in origins
+            else frozenset(origin.lower() for origin in origins))
+        """The ``Origin`` values accepted, lower-cased (the block's, else the
+        server's ``origins`` option); None: any."""
         self.decides = (endpoint.on_request is not None or endpoint.redirect is not None
                         or callable(endpoint.subprotocols) or not self.upgrades)
         """Does an upgrade need more than the accept thread's checks before
@@ -97,18 +104,27 @@ class BlockServer:
         endpoint without WebSocket, which refuses it)? Then it is made in the
         connection's thread, not in the accept thread."""
 
-    def checks_origin(self, default: Optional[Tuple[str, ...]]) -> bool:
-        """Is there an ``origins`` list to check (the block's, or ``default``)?"""
-        return self.endpoint.origins is not None or default is not None
+    def check_upgrade(self, request: Request) -> bytes:
+        """Check that ``request`` may open a WebSocket on this block (a GET, a
+        valid upgrade, an accepted ``Origin``); its ``Sec-WebSocket-Key``, or
+        :class:`~gaman_sync.protocol.HandshakeError` with the status to answer.
+        (The standalone accept thread and the WSGI middleware both ask here.)"""
+        if request.method != "GET":
+            raise HandshakeError(405, "a WebSocket handshake is a GET request",
+                                 [("Allow", "GET")])
+        key = check_upgrade(request)
+        if self.origins is not None and not self.allows_origin(request.origin):
+            raise HandshakeError(403, "this origin may not open a WebSocket here")
+        return key
 
-    def allows_origin(self, origin: Optional[str], default: Optional[Tuple[str, ...]]) -> bool:
+    def allows_origin(self, origin: Optional[str]) -> bool:
         """May a request with this ``Origin`` (None: no header) open a connection?"""
-        origins = self.endpoint.origins if self.endpoint.origins is not None else default
-        if origins is None or "*" in origins:
+        origins = self.origins
+        if origins is None:
             return True
         if origin is None:
             return not self.endpoint.require_origin
-        return origin.lower() in (o.lower() for o in origins)
+        return origin.lower() in origins
 
     @property
     def block(self) -> Endpoint:

@@ -23,13 +23,15 @@ dictionary lookup; patterns are tried in precedence order.
 from __future__ import annotations
 
 import re
-from typing import Dict, Generic, List, Optional, Sequence, Tuple, TypeVar
+from types import MappingProxyType
+from typing import Dict, Generic, List, Mapping, Optional, Sequence, Tuple, TypeVar
 from urllib.parse import quote, unquote
 
 __all__ = ["Pattern", "Router", "split_path", "fill"]
 
 T = TypeVar("T")
 
+_NO_PARAMS: Mapping[str, str] = MappingProxyType({})
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _UNSAFE = frozenset(("", ".", ".."))
 
@@ -133,13 +135,23 @@ class Router(Generic[T]):
                 patterns.append((-pattern.static_prefix, index, pattern, target))
         patterns.sort(key=lambda item: (item[0], item[1]))
         self._patterns = [(pattern, target) for _, _, pattern, target in patterns]
+        # The exact paths as a request without '%' spells them: such a path
+        # splits into these very segments, so one dict lookup on the string
+        # finds it (the accept thread does this for every handshake).
+        self._plain: Dict[str, T] = {
+            "/" + "/".join(segments): target for segments, target in self._exact.items()
+            if not any("%" in s or "/" in s for s in segments)}
 
-    def match(self, raw_path: str) -> Optional[Tuple[T, Dict[str, str]]]:
+    def match(self, raw_path: str) -> Optional[Tuple[T, Mapping[str, str]]]:
         """(target, parameters) for a path as sent, or None."""
+        if "%" not in raw_path:
+            target = self._plain.get(raw_path)
+            if target is not None:
+                return target, _NO_PARAMS
         segments = split_path(raw_path)
         target = self._exact.get(tuple(segments))
         if target is not None:
-            return target, {}
+            return target, _NO_PARAMS
         for pattern, target in self._patterns:
             params = pattern.match(segments)
             if params is not None:
