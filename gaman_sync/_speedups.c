@@ -123,13 +123,18 @@ xor_mask(PyObject *module, PyObject *args)
 static PyObject *
 send_nonblocking(PyObject *module, PyObject *args)
 {
-    int fd, flags;
+    int fd, flags = 0;
     Py_buffer data;
     ssize_t sent;
     int err = 0;
-    if (!PyArg_ParseTuple(args, "iy*i:send", &fd, &data, &flags)) {
+    /* flags may be left out: a transport binds the descriptor alone
+     * (functools.partial(send, fd)), so that a write calls C directly. */
+    if (!PyArg_ParseTuple(args, "iy*|i:send", &fd, &data, &flags)) {
         return NULL;
     }
+#ifdef MSG_NOSIGNAL
+    flags |= MSG_NOSIGNAL;  /* a peer gone must not kill us with SIGPIPE */
+#endif
     for (;;) {
         sent = send(fd, data.buf, (size_t)data.len, flags | MSG_DONTWAIT);
         err = errno;

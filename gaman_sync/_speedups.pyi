@@ -6,8 +6,8 @@ Buffer = Union[bytes, bytearray, memoryview]
 def xor_mask(data: Union[bytearray, memoryview], key: bytes) -> None:
     """XOR a writable buffer in place with a 4-byte key, from the key's first byte."""
 
-def send(fd: int, data: Buffer, flags: int) -> int:
-    """``socket.send()`` with MSG_DONTWAIT, keeping the GIL."""
+def send(fd: int, data: Buffer, flags: int = 0) -> int:
+    """``socket.send()`` with MSG_DONTWAIT (and MSG_NOSIGNAL), keeping the GIL."""
 
 def recv(fd: int, size: int, flags: int) -> bytes:
     """``socket.recv()`` with MSG_DONTWAIT, keeping the GIL."""

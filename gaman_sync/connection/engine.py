@@ -96,7 +96,7 @@ class Connection:
                  "_proto", "_outgoing", "_outgoing_size", "_watched", "handler", "_opened",
                  "_aborted", "_abort_close", "_finished", "_reading", "_close_timer",
                  "_ping_timer", "_unanswered_since", "_next_ping", "_started", "_dropped",
-                 "_preamble", "_refused", "hold_events",
+                 "_preamble", "_refused", "hold_events", "_send_now",
                  "__dict__", "__weakref__")
 
     def __init__(self, transport: Transport, protocol: Protocol, runtime: Runtime,
@@ -107,6 +107,7 @@ class Connection:
         """The connection's thread, once it runs."""
         self.transport = transport
         """What the connection reads and writes (see :mod:`gaman_sync.io.transport`)."""
+        self._send_now = transport.send_nowait  # every write: one attribute, not two
         self.runtime = runtime
         """The shared threads it uses (timers, writer)."""
         self.options = options
@@ -351,7 +352,7 @@ class Connection:
             self._outgoing_size += len(data)
             return
         try:
-            sent = self.transport.send_nowait(data)
+            sent = self._send_now(data)
         except BlockingIOError:
             sent = 0
         except OSError:
@@ -398,7 +399,7 @@ class Connection:
             while outgoing:
                 chunk = outgoing[0]
                 try:
-                    sent = self.transport.send_nowait(chunk)
+                    sent = self._send_now(chunk)
                 except BlockingIOError:
                     return False
                 except OSError:

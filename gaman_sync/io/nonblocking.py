@@ -19,7 +19,7 @@ import sys
 from typing import Any, Tuple, Union
 
 __all__ = ["DONTWAIT", "FLAGS_SUFFICE", "send", "recv", "close", "accept", "make_blocking",
-           "recv_gated", "use_speedups", "speedups_status", "send_plain",
+           "recv_gated", "send_fd", "use_speedups", "speedups_status", "send_plain",
            "recv_plain", "close_plain", "accept_plain"]
 
 # Non-blocking, and no SIGPIPE (which would kill a program that restored its
@@ -125,6 +125,10 @@ send = send_plain
 recv = recv_plain
 close = close_plain
 accept = accept_plain
+send_fd: Any = None
+"""``send_fd(fd, data)``: the C helper's non-blocking send on a descriptor
+(bound to one by a transport, a write then runs no Python frame), or None
+where it is not built."""
 recv_gated: Any = None
 """``recv_gated(fd, size)``: a blocking recv that queues for the GIL behind
 the C helper's gate (see ``_speedups.c``), or None where it is not built."""
@@ -135,12 +139,13 @@ def use_speedups(enabled: bool = True) -> bool:
     """Make these calls go through the C helper (the default where it is
     built) or through the socket's own methods. Affects sockets used from then
     on; returns whether the C helper is now in use."""
-    global send, recv, close, accept, recv_gated, _enabled
+    global send, recv, close, accept, recv_gated, send_fd, _enabled
     on = bool(enabled) and _c_send is not None
     send, recv, close = (_c_send_socket, _c_recv_socket, _c_close_socket) if on \
         else (send_plain, recv_plain, close_plain)
     accept = _c_accept_socket if on and _c_accept is not None else accept_plain
     recv_gated = _c_recv_gated if on else None
+    send_fd = _c_send if on else None
     _enabled = on
     return on
 

@@ -88,8 +88,13 @@ class PlainTransport(Transport):
                                              if gated is not None else sock.recv)
         self._send = nonblocking.send if self._native else nonblocking.send_plain
         self._close = nonblocking.close if self._native else nonblocking.close_plain
-        # Bound once too: every write calls it, and a partial costs no frame.
-        self.send_nowait: Callable[[Buffer], int] = functools.partial(self._send, sock)
+        # Bound once too: every write calls it. On the descriptor, a write
+        # goes straight to C; the descriptor stays this socket's until the
+        # connection closes it, after its last write.
+        send_fd = nonblocking.send_fd if self._native else None
+        self.send_nowait: Callable[[Buffer], int] = (
+            functools.partial(send_fd, sock.fileno()) if send_fd is not None
+            else functools.partial(self._send, sock))
 
     @property
     def uses_speedups(self) -> bool:
