@@ -92,12 +92,14 @@ class Connection:
     """
 
     # __dict__ stays so that users can hang their own attributes on ctx.
-    __slots__ = ("thread", "transport", "runtime", "options", "_remote", "_lock", "_room",
-                 "_proto", "_outgoing", "_outgoing_size", "_watched", "handler", "_opened",
-                 "_aborted", "_abort_close", "_finished", "_reading", "_close_timer",
+    # Slots are laid out in this order: what every write touches comes first,
+    # in one cache line, since a broadcast touches it on a thousand connections.
+    __slots__ = ("_lock", "_proto", "_outgoing", "_outgoing_size", "_send_fn", "_send_arg",
+                 "options",
+                 "_finished", "_watched", "_room", "transport", "runtime", "thread", "_remote",
+                 "handler", "_opened", "_aborted", "_abort_close", "_reading", "_close_timer",
                  "_ping_timer", "_unanswered_since", "_next_ping", "_started", "_dropped",
-                 "_preamble", "_refused", "hold_events", "_send_now",
-                 "__dict__", "__weakref__")
+                 "_preamble", "_refused", "hold_events", "__dict__", "__weakref__")
 
     def __init__(self, transport: Transport, protocol: Protocol, runtime: Runtime,
                  options: Options, remote_address: Any = None,
@@ -107,7 +109,7 @@ class Connection:
         """The connection's thread, once it runs."""
         self.transport = transport
         """What the connection reads and writes (see :mod:`gaman_sync.io.transport`)."""
-        self._send_now = transport.send_nowait  # every write: one attribute, not two
+        self._send_fn, self._send_arg = transport.send_target()  # every write calls it
         self.runtime = runtime
         """The shared threads it uses (timers, writer)."""
         self.options = options
@@ -352,7 +354,7 @@ class Connection:
             self._outgoing_size += len(data)
             return
         try:
-            sent = self._send_now(data)
+            sent = self._send_fn(self._send_arg, data)
         except BlockingIOError:
             sent = 0
         except OSError:
@@ -399,7 +401,7 @@ class Connection:
             while outgoing:
                 chunk = outgoing[0]
                 try:
-                    sent = self._send_now(chunk)
+                    sent = self._send_fn(self._send_arg, chunk)
                 except BlockingIOError:
                     return False
                 except OSError:

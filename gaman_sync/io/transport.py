@@ -28,13 +28,17 @@ from __future__ import annotations
 
 import functools
 import socket
-from typing import Callable, Sequence, Union
+from typing import Any, Callable, Sequence, Tuple, Union
 
 from . import nonblocking
 
 __all__ = ["Transport", "PlainTransport"]
 
 Buffer = Union[bytes, bytearray, memoryview]
+
+
+def _call(function: Callable[[Buffer], int], data: Buffer) -> int:
+    return function(data)
 
 
 class Transport:
@@ -47,6 +51,12 @@ class Transport:
     def sendmsg_nowait(self, buffers: Sequence[Buffer]) -> int:
         """``send_nowait`` of several buffers at once, without joining them."""
         raise NotImplementedError
+
+    def send_target(self) -> Tuple[Callable[[Any, Buffer], int], Any]:
+        """``(function, argument)`` with ``function(argument, data)`` doing what
+        ``send_nowait(data)`` does: what a connection calls on every write.
+        By default the argument is ``send_nowait`` itself."""
+        return _call, self.send_nowait
 
     def recv(self, size: int) -> bytes:
         """Wait for up to ``size`` bytes; ``b""`` at end of stream."""
@@ -88,13 +98,7 @@ class PlainTransport(Transport):
                                              if gated is not None else sock.recv)
         self._send = nonblocking.send if self._native else nonblocking.send_plain
         self._close = nonblocking.close if self._native else nonblocking.close_plain
-        # Bound once too: every write calls it. On the descriptor, a write
-        # goes straight to C; the descriptor stays this socket's until the
-        # connection closes it, after its last write.
-        send_fd = nonblocking.send_fd if self._native else None
-        self.send_nowait: Callable[[Buffer], int] = (
-            functools.partial(send_fd, sock.fileno()) if send_fd is not None
-            else functools.partial(self._send, sock))
+        self.send_nowait: Callable[[Buffer], int] = functools.partial(self._send, sock)
 
     @property
     def uses_speedups(self) -> bool:
@@ -103,6 +107,16 @@ class PlainTransport(Transport):
 
     def sendmsg_nowait(self, buffers: Sequence[Buffer]) -> int:
         return self.sock.sendmsg(buffers, (), nonblocking.DONTWAIT)
+
+    def send_target(self) -> Tuple[Callable[[Any, Buffer], int], Any]:
+        # The C helper's send and the descriptor: a write then touches no
+        # object but the connection (a broadcast does it on every client).
+        # The descriptor stays this socket's until the connection closes it,
+        # after its last write.
+        send_fd = nonblocking.send_fd if self._native else None
+        if send_fd is not None:
+            return send_fd, self.sock.fileno()
+        return _call, self.send_nowait
 
     def recv_for(self, size: int, timeout: float) -> bytes:
         sock = self.sock
