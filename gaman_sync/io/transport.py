@@ -82,7 +82,7 @@ class Transport:
 class PlainTransport(Transport):
     """A plain TCP (or Unix) socket in blocking mode."""
 
-    __slots__ = ("sock", "recv", "send_nowait", "_send", "_close", "_native")
+    __slots__ = ("sock", "recv", "_send", "_close", "_native")
 
     def __init__(self, sock: socket.socket) -> None:
         if sock.gettimeout() is not None:
@@ -98,12 +98,14 @@ class PlainTransport(Transport):
                                              if gated is not None else sock.recv)
         self._send = nonblocking.send if self._native else nonblocking.send_plain
         self._close = nonblocking.close if self._native else nonblocking.close_plain
-        self.send_nowait: Callable[[Buffer], int] = functools.partial(self._send, sock)
 
     @property
     def uses_speedups(self) -> bool:
         """True when the C helper makes this transport's socket calls."""
         return self._native and self._send is not nonblocking.send_plain
+
+    def send_nowait(self, data: Buffer) -> int:
+        return self._send(self.sock, data)
 
     def sendmsg_nowait(self, buffers: Sequence[Buffer]) -> int:
         return self.sock.sendmsg(buffers, (), nonblocking.DONTWAIT)
