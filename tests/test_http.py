@@ -7,6 +7,7 @@ a path reaches the server exactly as written (``..``, ``%2e%2e``, ``%2f``).
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
 import time
@@ -219,7 +220,9 @@ def test_a_slow_reader_of_a_big_file_holds_no_other_request(make_server, tmp_pat
     try:
         reader.connect(("127.0.0.1", server.port))
         reader.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")  # and reads nothing yet
-        time.sleep(0.2)
+        # The answer has started (its first bytes wait unread): the file is
+        # being sent to a reader that does not read while others are served.
+        assert select.select([reader], [], [], WAIT)[0], "the big file was never sent"
         others_are_served(server.port, 5)
         raw = read_to_eof(reader)
     finally:

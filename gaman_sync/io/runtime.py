@@ -36,10 +36,3 @@ class Runtime:
         thread = thread or threading.current_thread()
         return (self.workers.owns(thread) or thread is self.timers.thread
                 or thread is self.flusher.thread)
-
-    def stop(self, timeout: float) -> None:
-        """End every thread that is idle (connection threads end with their
-        connections); waits at most about ``timeout`` seconds for each kind."""
-        self.workers.stop(timeout)
-        self.timers.stop(timeout)
-        self.flusher.stop(timeout)

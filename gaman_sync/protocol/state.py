@@ -81,7 +81,7 @@ def _encode_masked(message: Data) -> Tuple[bytes, bytes]:
 class Protocol:
     """One WebSocket connection after its handshake, without I/O."""
 
-    __slots__ = ("side", "_decoder", "_frames", "_mask", "state", "_parts", "_size", "_max",
+    __slots__ = ("side", "_decoder", "_frames", "state", "_parts", "_size", "_max",
                  "close_code", "close_reason", "encode")
 
     def __init__(self, side: Side, max_message_size: Optional[int] = None,
@@ -91,7 +91,7 @@ class Protocol:
         client = side is Side.CLIENT
         self._decoder = Decoder(client, unmask_in_c)
         self._frames: Optional[Iterator] = None  # wsproto's frame generator, while it yields
-        self._mask = client  # RFC 6455 5.3: a client masks every frame it sends
+        # RFC 6455 5.3: a client masks every frame it sends, each with its own key.
         self.encode: Callable[[Data], Tuple[bytes, bytes]] = (
             _encode_masked if client else encode_frame)
         """A data frame for a message as this side sends it: (header, payload)."""
@@ -120,12 +120,6 @@ class Protocol:
     def closes_tcp_first(self) -> bool:
         """RFC 6455 7.1.1: the server closes TCP first; a client waits for it."""
         return self.side is Side.SERVER
-
-    @property
-    def shares_frames(self) -> bool:
-        """Can one encoded data frame go to many connections? A server's can
-        (unmasked); a client masks each frame with a key of its own."""
-        return not self._mask
 
     def has_buffered_input(self) -> bool:
         """Are there received bytes not parsed yet?"""
