@@ -353,6 +353,17 @@ class RedisBroker(Broker):
 
     # -- The publisher thread -----------------------------------------------
 
+    @staticmethod
+    def _send(client: Any, batch: List[Tuple[str, bytes]]) -> None:
+        """PUBLISH each of ``batch``, in order, in pipelines; PING if empty."""
+        if not batch:
+            client.ping()
+        for start in range(0, len(batch), _BATCH):
+            pipe = client.pipeline(transaction=False)
+            for channel, payload in batch[start:start + _BATCH]:
+                pipe.publish(channel, payload)
+            pipe.execute()
+
     def _publish_loop(self) -> None:
         redis = _redis()
         errors = (redis.RedisError, OSError)
@@ -379,15 +390,20 @@ class RedisBroker(Broker):
                 if stopping:
                     break
                 continue
+            if not batch and (not lost or stopping):
+                if stopping:
+                    break
+                continue
             try:
-                if batch:
-                    for start in range(0, len(batch), _BATCH):
-                        pipe = client.pipeline(transaction=False)
-                        for channel, payload in batch[start:start + _BATCH]:
-                            pipe.publish(channel, payload)
-                        pipe.execute()
-                elif lost:
-                    client.ping()
+                try:
+                    self._send(client, batch)
+                except redis.ConnectionError:
+                    if lost:
+                        raise
+                    # The pooled connection may be one a restarted Redis
+                    # dropped while we were idle: a new one, once, before
+                    # calling Redis lost (a restarted Redis never saw the batch).
+                    self._send(client, batch)
             except errors as exc:
                 self._count_dropped(len(batch))
                 self._lost(_PUBLISHER, exc)
