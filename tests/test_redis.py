@@ -348,3 +348,13 @@ def test_twenty_redis_restarts_leak_nothing(nodes, redis_server):
     for node in nodes:
         # Each restart was an outage each process noticed, and warned of once.
         assert len(node.warnings("is unreachable")) == 20, node.log
+
+
+def test_the_cluster_example_shows_a_message_crossing(redis_server):
+    root = NODE.parent.parent
+    out = subprocess.run([sys.executable, str(root / "examples" / "cluster.py"), "--redis",
+                          redis_server.url], capture_output=True, text=True, timeout=60,
+                         cwd=root)
+    assert out.returncode == 0, out.stderr
+    assert "bob got, through Redis: 'hello from the first server'" in out.stdout
+    assert "carol got: \"carol's garden\" (not alice's)" in out.stdout
