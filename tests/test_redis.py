@@ -298,20 +298,28 @@ def test_channels_are_prefixed_per_application(redis_server):
 
     from .cluster_node import room_block
 
-    one = WebSocketServer(room_block(), port=0, broker=RedisBroker(redis_server.url, prefix="one"))
-    two = WebSocketServer(room_block(), port=0, broker=RedisBroker(redis_server.url, prefix="two"))
-    with one, two:
+    def server(prefix: str) -> WebSocketServer:
+        return WebSocketServer(room_block(), port=0, ping_interval=None,
+                               broker=RedisBroker(redis_server.url, prefix=prefix))
+
+    one, two, one_again = server("one"), server("two"), server("one")
+    with one, two, one_again:
+        assert one.broker.connected and "connected" in repr(one.broker)
         channels = sorted(c.decode() for c in redis_server.client().pubsub_channels())
         assert channels == ["one:/rooms", "two:/rooms"]
-        p1, p2 = Peer(one), Peer(two)
+        p1, p2, p3 = Peer(one), Peer(two), Peer(one_again)
         p1.do(op="say", text="for one")
-        assert p1.recv() == "for one"
+        assert p1.recv() == "for one" and p3.recv() == "for one"
         p2.do(op="say", text="for two")
         assert p2.recv() == "for two"  # and not "for one" first
-        # A payload that is not an envelope is skipped, logged once.
+        # The whole server's broadcast goes out on each block's channel.
+        assert one.broadcast(b"root") == 1
+        assert p3.recv() == b"root"
+        # A payload that is not an envelope is skipped, and logged once.
         redis_server.client().publish("one:/rooms", b"x" * 16 + b"garbage")
         p1.do(op="say", text="still fine")
-        assert p1.recv() == "still fine"
+        assert p3.recv() == "still fine"
+    assert not one.broker.connected and one.broker.threads == []
 
 
 def quiesce(peers: List[Peer], tag: str) -> None:

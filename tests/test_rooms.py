@@ -224,3 +224,26 @@ def test_the_default_broker_is_local(make_server):
     assert server.broker.remote is False
     with pytest.raises(TypeError, match="broker must be a Broker"):
         make_server(define_block("/e", lambda ctx: {}), broker="redis://localhost")
+
+
+@pytest.mark.parametrize("data, why", [
+    (b"x{}\nhi", "not a broadcast envelope"),
+    (b"t{}", "no end of header"),
+    (b"t{oops\nhi", "not JSON"),
+    (b"t[]\nhi", "not a JSON object"),
+    (b't{"room":1}\nhi', "room that is not a string"),
+    (b't{"exclude":[true]}\nhi', "exclude is not a list"),
+    (b"t{}\n\xff", "utf-8"),
+])
+def test_an_envelope_that_is_not_one_is_a_clear_error(data, why):
+    from gaman_sync.broker.envelope import unpack
+    with pytest.raises(ValueError, match=why):
+        unpack(data)
+
+
+@pytest.mark.parametrize("message, room, exclude", [
+    ("hé", None, ()), (b"\x00\n\xff", "lobby", (3, 30000000017)), ("", "r\n{", (1,)),
+])
+def test_an_envelope_keeps_type_room_and_exclude(message, room, exclude):
+    from gaman_sync.broker.envelope import pack, unpack
+    assert unpack(pack(message, room, exclude)) == (message, room, frozenset(exclude))
