@@ -293,6 +293,24 @@ def test_redis_down_at_start_is_a_clear_error():
     server.shutdown()
 
 
+def test_a_start_that_fails_to_listen_leaves_no_broker_running(redis_server):
+    from gaman_sync import RedisBroker, WebSocketServer
+
+    from .cluster_node import room_block
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        server = WebSocketServer(room_block(), port=taken.getsockname()[1],
+                                 broker=RedisBroker(redis_server.url))
+        with pytest.raises(OSError):
+            server.start()
+        assert server.threads == [] and not server.broker.connected
+    with server:  # the port is free again: a retry works
+        assert server.broker.connected and len(server.broker.threads) == 2
+    assert server.threads == []
+
+
 def test_channels_are_prefixed_per_application(redis_server):
     from gaman_sync import RedisBroker, WebSocketServer
 

@@ -152,9 +152,16 @@ class RedisBroker(Broker):
         be reached within ``connect_timeout``."""
         redis = _redis()
         with self._lock:
-            if self._started:
-                raise RuntimeError("this RedisBroker was started already; make one per server")
+            if self._started and not self._stopping.is_set():
+                raise RuntimeError("this RedisBroker is running already; make one per server")
+            # A stopped broker starts afresh (a server whose start failed, retried).
             self._started = True
+            self._stopping.clear()
+            self._subscribed.clear()
+            self._subscribe_error = None
+            self._pending = []
+            self._down.clear()
+            self._dropped = 0
         # Drawn here, not in __init__: workers forked from one broker object
         # each get their own.
         self._origin = os.urandom(_ORIGIN)

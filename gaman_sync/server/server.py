@@ -494,6 +494,7 @@ class WebSocketServer:
 
     def _stop_broker(self, timeout: float) -> None:
         if self._broker_started:
+            self._broker_started = False
             for view in self._routes.values():
                 view.connect_broker(None, "")
             self.broker.stop(timeout)
