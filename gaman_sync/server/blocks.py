@@ -264,7 +264,7 @@ class BlockServer:
         if not isinstance(room, str):
             _bad_room(room)
         with self._rooms_lock:
-            if conn.ready_state is ReadyState.CLOSED:
+            if _ended(conn):
                 return
             rooms = self._memberships.get(conn, _NO_ROOMS)
             if room in rooms:
@@ -273,7 +273,7 @@ class BlockServer:
             self._memberships[conn] = rooms | {room}
             if conn in self._clients:
                 self._rooms.setdefault(room, {})[conn] = None
-        if conn.ready_state is ReadyState.CLOSED:
+        if _ended(conn):
             # It ended meanwhile, and discard() may have found no rooms to leave.
             self._leave_all(conn)
 
@@ -328,6 +328,11 @@ class BlockServer:
 
 
 _NO_ROOMS: FrozenSet[str] = frozenset()
+
+
+def _ended(conn: ServerConnection) -> bool:
+    """Has ``conn`` ended (``on_close`` due or done)? It never joins a room again."""
+    return conn.ready_state is ReadyState.CLOSED
 
 
 def _bad_room(room: Any) -> Any:
