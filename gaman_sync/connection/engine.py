@@ -361,7 +361,8 @@ class Connection:
                 self._wait_flushed()
                 self._linger(half_close=True)
                 return
-            self.send_preamble()
+            if self._preamble is not None:  # opening() did not send it
+                self.send_preamble()
             if serving:
                 self._serve()
             else:
@@ -396,9 +397,10 @@ class Connection:
             if before is not None:
                 before()
             self._write(preamble)
-            for chunk in held:
-                self._write(chunk)
-            self._notify_room()
+            if held:
+                for chunk in held:
+                    self._write(chunk)
+                self._notify_room()  # a send() may be waiting for the held bytes to go
 
     def refuse(self, response: bytes) -> None:
         """Refuse the opening handshake (from :meth:`opening`): send the HTTP
@@ -618,6 +620,8 @@ class Connection:
     # -- The connection's thread -------------------------------------------
 
     def _serve(self) -> None:
+        if self._started:
+            logger.debug("%s: opened", self)
         self._opened = True
         self._start_keepalive()
         on_open = self.handler.on_open
@@ -876,10 +880,9 @@ class Connection:
             self.runtime.flusher.forget(self.transport)
         self.transport.close()
         code = proto.close_code or _ABNORMAL
-        if logger.isEnabledFor(logging.DEBUG):
+        if self._started:  # DEBUG was on when it opened: one check per connection
             logger.debug("%s: closed with %s %r after %.3f s%s", self, code,
-                         proto.close_reason,
-                         time.monotonic() - self._started if self._started else 0.0,
+                         proto.close_reason, time.monotonic() - self._started,
                          f"; {self._dropped} message(s) that came after our close were not "
                          "delivered" if self._dropped else "")
         if self._opened:

@@ -64,8 +64,6 @@ class ServerConnection(Connection):
     def opening(self) -> bool:
         """Decide (for a block that does), run the endpoint's handler for this
         connection, join its clients and send the 101."""
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("%s: opened", self)
         response = None
         if self._key:
             response = self._decide()
