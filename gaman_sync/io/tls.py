@@ -77,6 +77,7 @@ Buffer = Union[bytes, bytearray, memoryview]
 # Plaintext encrypted per step of a write: at most this much ciphertext (plus
 # record overhead) waits in the transport when the kernel is full.
 _CHUNK = 64 * 1024
+_RECORD = 16 * 1024  # the largest plaintext of a TLS record
 _WANT_READ = ssl.SSLWantReadError
 
 
@@ -315,17 +316,19 @@ class TLSTransport(Transport):
         The caller holds the lock."""
         read = self.ssl.read
         try:
-            data = read(size)
+            # OpenSSL returns one record (16 KiB at most) per call, in a
+            # buffer of the size asked for: asking for more would allocate it.
+            data = read(size if size < _RECORD else _RECORD)
         except _WANT_READ:
             data = None
         else:
-            # OpenSSL returns one record per call: gather what else arrived.
+            # Gather what else arrived.
             if data and len(data) < size and self._in.pending:
                 parts = [data]
                 total = len(data)
                 while total < size and self._in.pending:
                     try:
-                        more = read(size - total)
+                        more = read(min(size - total, _RECORD))
                     except _WANT_READ:
                         break
                     if not more:
@@ -345,13 +348,12 @@ class TLSTransport(Transport):
         return data
 
     def recv(self, size: int) -> bytes:
-        ssl_obj = self.ssl
         lock = self._lock
-        if self._in.pending or ssl_obj.pending():
-            with lock:
-                data = self._decrypt(size)
-            if data is not None:
-                return data
+        with lock:
+            # What an earlier read left: more records, or the rest of one.
+            data = self._decrypt(size) if self._in.pending or self.ssl.pending() else None
+        if data is not None:
+            return data
         raw_recv = self._raw_recv
         incoming = self._in
         while True:

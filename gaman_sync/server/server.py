@@ -213,7 +213,8 @@ class WebSocketServer:
         this server had accepted it: its opening handshake is read and checked
         in the accept thread, then it is served like any other connection. A
         server that was not started serves adopted sockets without listening.
-        The server owns the socket from here on."""
+        The server owns the socket from here on; on a server with an
+        ``ssl_context`` it speaks TLS like any other."""
         if not isinstance(sock, socket.socket):
             raise TypeError(f"sock must be a connected socket.socket, not {sock!r}")
         if sock.gettimeout() is not None:
