@@ -58,7 +58,11 @@ PROBE_TIMEOUT = 5
 STAMPEDE_TIMEOUT = 5
 # The scenarios whose measured phase is all load: the ones where the load
 # generator's share of a core says whether it was the bottleneck.
-TIMED = ("echo-1", "echo-16", "echo-100", "echo-1mib", "handshakes", "broadcast")
+TIMED = ("echo-1", "echo-16", "echo-100", "echo-1mib", "handshakes", "broadcast",
+         "wss-echo-16", "wss-echo-1mib", "wss-handshakes")
+# The wss scenarios' certificate (made at start with trustme): the servers
+# load it, the load generator checks it against the CA.
+CERTS: Dict[str, str] = {}
 # How long the mass disconnect may take before the server counts as stuck.
 CLEANUP_LIMIT = 10
 
@@ -77,15 +81,16 @@ class ServerSpec:
     # import path: --baseline runs another checkout's gaman_sync.
     script: Optional[str] = None
     pythonpath: Optional[str] = None
+    tls: bool = False  # serves wss:// (servers.py's tls_context)
 
 
 _SMALL_ECHO_ONLY = {key: "small-message echo only" for key in (
     "echo-1mib", "handshakes", "broadcast", "memory", "idle", "mass-disconnect")}
 
 SERVER_SPECS = [
-    ServerSpec("gaman_sync", "gaman_sync", "gaman_sync"),
-    ServerSpec("websockets-sync", "websockets sync", "websockets"),
-    ServerSpec("websockets-asyncio", "websockets asyncio", "websockets"),
+    ServerSpec("gaman_sync", "gaman_sync", "gaman_sync", tls=True),
+    ServerSpec("websockets-sync", "websockets sync", "websockets", tls=True),
+    ServerSpec("websockets-asyncio", "websockets asyncio", "websockets", tls=True),
     ServerSpec("simple-websocket", "simple-websocket", "simple_websocket"),
     ServerSpec("websocket-server", "websocket-server", "websocket_server", optional=True,
                cannot={"echo-1mib": "binary frames unsupported"}),
@@ -141,14 +146,17 @@ class BenchError(Exception):
 class Server:
     """A server under test in its own process; stderr goes to a log file."""
 
-    def __init__(self, spec: ServerSpec, log_dir: str) -> None:
+    def __init__(self, spec: ServerSpec, log_dir: str, tls: bool = False) -> None:
         self.spec = spec
         self.log_path = os.path.join(log_dir, f"{spec.name}.log")
         log = open(self.log_path, "ab")
-        env = None
+        env = dict(os.environ)
+        env.pop("BENCH_CERTFILE", None)
+        if tls:
+            env.update(BENCH_CERTFILE=CERTS["cert"], BENCH_KEYFILE=CERTS["key"])
         if spec.pythonpath:
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-                p for p in (spec.pythonpath, os.environ.get("PYTHONPATH")) if p))
+            env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (spec.pythonpath, os.environ.get("PYTHONPATH")) if p)
         self.proc = subprocess.Popen(
             [sys.executable, SERVERS_PY, spec.script or spec.name], stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=log, start_new_session=True, env=env)
@@ -337,6 +345,7 @@ class Scenario:
     key: str
     metrics: Sequence[Metric]
     run: Callable[["Context", Server], Outcome]
+    tls: bool = False  # wss://: the servers serve TLS, the load generator speaks it
 
 
 @dataclass
@@ -347,9 +356,12 @@ class Context:
     memory_conns: int
     broadcast_conns: int
     proto: str = "ws"
+    tls: bool = False
 
     def loadgen(self, port: int, **config) -> LoadGen:
         config.setdefault("lifetime", 600)
+        if self.tls:
+            config["tls"] = {"ca": CERTS["ca"]}
         return LoadGen({"port": port, "proto": self.proto, **config})
 
 
@@ -578,6 +590,13 @@ def scenarios(ctx: Context) -> List[Scenario]:
                  run_echo(1, 2**20, True)),
         Scenario("handshakes", [Metric("rate", "handshakes (connect, handshake, close), "
                                                "16 in parallel", "/s")], run_handshakes),
+        Scenario("wss-echo-16", [Metric("rate", "wss: echo 32 B text, 16 connections",
+                                        "msg/s")], run_echo(16, 32, False), tls=True),
+        Scenario("wss-echo-1mib", [Metric("rate", "wss: echo 1 MiB binary, 1 connection",
+                                          "MiB/s")], run_echo(1, 2**20, True), tls=True),
+        Scenario("wss-handshakes", [Metric("rate", "wss: handshakes (TCP, TLS, WebSocket, "
+                                                   "close), 16 in parallel", "/s")],
+                 run_handshakes, tls=True),
         Scenario("broadcast", [Metric("rate", f"broadcast 64 B to {bc:,} clients",
                                       "deliveries/s")], run_broadcast),
         Scenario("memory", [Metric("kib", f"memory per idle connection, {mem:,} open",
@@ -601,10 +620,13 @@ def scenarios(ctx: Context) -> List[Scenario]:
 def run_one(ctx: Context, spec: ServerSpec, scenario: Scenario, log_dir: str) -> Outcome:
     if scenario.key in spec.cannot:
         return Outcome(error="n/a: " + spec.cannot[scenario.key])
+    if scenario.tls and not spec.tls:
+        return Outcome(error="n/a: no TLS in this adapter")
     ctx.proto = spec.proto
+    ctx.tls = scenario.tls
     server = None
     try:
-        server = Server(spec, log_dir)
+        server = Server(spec, log_dir, tls=scenario.tls)
         outcome = scenario.run(ctx, server)
         if not server.alive():
             outcome.notes.append("the server process died")
@@ -626,6 +648,18 @@ def available(spec: ServerSpec) -> Optional[str]:
     except ImportError as exc:
         return str(exc)
     return None
+
+
+HOST_IP = "127.0.0.1"
+
+
+def _has_tls(checkout: str) -> bool:
+    """Does the gaman_sync of ``checkout`` serve wss:// (ssl_context=)?"""
+    try:
+        with open(os.path.join(checkout, "gaman_sync", "server", "server.py")) as f:
+            return "ssl_context" in f.read()
+    except OSError:
+        return False
 
 
 def fmt_value(value: Optional[float]) -> str:
@@ -873,8 +907,8 @@ def update_readme(report: str, command: str) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = bench_parser(__doc__, "--servers", [s.name for s in SERVER_SPECS])
     parser.add_argument("--scenarios", help="comma-separated, from: echo-1, echo-16, "
-                        "echo-100, echo-1mib, handshakes, broadcast, memory, idle, "
-                        "mass-disconnect")
+                        "echo-100, echo-1mib, handshakes, wss-echo-16, wss-echo-1mib, "
+                        "wss-handshakes, broadcast, memory, idle, mass-disconnect")
     parser.add_argument("--quick", action="store_true",
                         help="one short round, 5,000 idle connections, 2,000 dropped")
     parser.add_argument("--idle-conns", type=int, help="default 10000 (--quick 5000)")
@@ -917,7 +951,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"--baseline: no gaman_sync package in {args.baseline}")
         specs.insert(1, ServerSpec("gaman_sync-baseline", "gaman_sync (baseline)", "gaman_sync",
                                    script="gaman_sync",
-                                   pythonpath=os.path.abspath(args.baseline)))
+                                   pythonpath=os.path.abspath(args.baseline),
+                                   tls=_has_tls(args.baseline)))
     specs = pick(parser, "servers", args.servers, specs, lambda s: s.name)
     for spec in list(specs):
         missing = available(spec)
@@ -930,6 +965,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{REFERENCE} is not in this run: no ratios", file=sys.stderr)
     scens = pick(parser, "scenarios", args.scenarios, scenarios(ctx), lambda s: s.key)
 
+    cert_dir = None
+    if any(scen.tls for scen in scens):
+        try:
+            import trustme
+        except ImportError:
+            parser.error("the wss scenarios need trustme: pip install -e .[bench]")
+        cert_dir = tempfile.mkdtemp(prefix="gaman-bench-certs-")
+        ca = trustme.CA()
+        cert = ca.issue_cert(HOST_IP)
+        CERTS.update(ca=os.path.join(cert_dir, "ca.pem"), cert=os.path.join(cert_dir, "cert.pem"),
+                     key=os.path.join(cert_dir, "key.pem"))
+        ca.cert_pem.write_to_path(CERTS["ca"])
+        cert.cert_chain_pems[0].write_to_path(CERTS["cert"])
+        cert.private_key_pem.write_to_path(CERTS["key"])
     log_dir = tempfile.mkdtemp(prefix="gaman-bench-")
     results: Dict[tuple, List[Outcome]] = {}
     started = time.monotonic()
@@ -961,10 +1010,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report = render(results, specs, scens, header)
     print(report)
     tidy_logs(log_dir, "server stderr")
+    if cert_dir is not None:
+        shutil.rmtree(cert_dir, ignore_errors=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"header": header, "command": command, "versions": ver,
-                       "context": {k: v for k, v in vars(ctx).items() if k != "proto"},
+                       "context": {k: v for k, v in vars(ctx).items()
+                                   if k not in ("proto", "tls")},
                        "servers": [s.name for s in specs], "scenarios": [s.key for s in scens],
                        "runs": [
                 {"scenario": k[0], "server": k[1], "round": i + 1, **vars(o)}

@@ -9,7 +9,10 @@ Every server listens on 127.0.0.1 (an ephemeral port), prints ``READY
 
 The adapters give every server the same settings: messages up to
 ``MESSAGE_LIMIT``, no compression, no keepalive pings, TCP_NODELAY on every
-connection and a listen backlog of ``BACKLOG``. Everything else stays at each
+connection and a listen backlog of ``BACKLOG``. With ``BENCH_CERTFILE`` and
+``BENCH_KEYFILE`` in the environment (the wss scenarios), the servers that
+can serve TLS get the same ``ssl.SSLContext(PROTOCOL_TLS_SERVER)`` with that
+certificate; the others refuse to start. Everything else stays at each
 library's defaults. ``tcp-echo`` is not WebSocket: it is the ceiling, a thread
 per connection that echoes bytes, with a one-line greeting (the path) instead
 of a handshake (``/broadcast SIZE`` for broadcast clients, since TCP keeps
@@ -19,8 +22,10 @@ no message boundaries), which the load generator speaks in its ``tcp`` mode.
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import socket
+import ssl
 import sys
 import threading
 
@@ -51,6 +56,21 @@ def nodelay(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def tls_context():
+    """The servers' TLS settings, or None for plain ws://."""
+    certfile = os.environ.get("BENCH_CERTFILE")
+    if not certfile:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certfile, os.environ.get("BENCH_KEYFILE") or None)
+    return context
+
+
+def no_tls(name: str) -> None:
+    if tls_context() is not None:
+        sys.exit(f"{name} does not serve TLS here")
+
+
 # -- gaman_sync --------------------------------------------------------------
 
 def run_gaman_sync() -> None:
@@ -63,10 +83,12 @@ def run_gaman_sync() -> None:
         return {"on_message": ctx.server.broadcast}
 
     # gaman_sync sets TCP_NODELAY itself and never compresses.
+    context = tls_context()
     server = WebSocketServer(
         [define_block("/echo", echo), define_block("/broadcast", broadcast)],
         host=HOST, port=0, backlog=BACKLOG, max_message_size=MESSAGE_LIMIT,
-        ping_interval=None, max_connections=20000)
+        ping_interval=None, max_connections=20000,
+        **({"ssl_context": context} if context is not None else {}))
     server.start()
     ready(server.port)
     wait_forever()
@@ -108,7 +130,7 @@ def run_websockets_sync() -> None:
 
     # websockets' threaded server sets TCP_NODELAY on each connection itself.
     server = serve(handler, HOST, 0, max_size=MESSAGE_LIMIT, compression=None,
-                   ping_interval=None, backlog=BACKLOG)
+                   ping_interval=None, backlog=BACKLOG, ssl=tls_context())
     ready(server.socket.getsockname()[1])
     server.serve_forever()
 
@@ -141,7 +163,7 @@ def run_websockets_asyncio() -> None:
     async def main():
         # asyncio sets TCP_NODELAY on every TCP transport it creates.
         async with serve(handler, HOST, 0, max_size=MESSAGE_LIMIT, compression=None,
-                         ping_interval=None, backlog=BACKLOG) as server:
+                         ping_interval=None, backlog=BACKLOG, ssl=tls_context()) as server:
             ready(server.sockets[0].getsockname()[1])
             await asyncio.Event().wait()
 
@@ -491,6 +513,8 @@ def main() -> None:
     if len(sys.argv) != 2 or sys.argv[1] not in SERVERS:
         sys.exit(f"usage: servers.py {{{','.join(SERVERS)}}}")
     raise_fd_limit()
+    if sys.argv[1] not in ("gaman_sync", "websockets-sync", "websockets-asyncio"):
+        no_tls(sys.argv[1])
     SERVERS[sys.argv[1]]()
 
 

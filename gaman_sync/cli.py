@@ -10,6 +10,7 @@ import argparse
 import importlib
 import logging
 import os
+import ssl
 import sys
 from typing import Any, Callable, List, Optional, Sequence
 
@@ -74,6 +75,33 @@ def _port(text: str) -> int:
     return port
 
 
+def tls_context(certfile: Optional[str], keyfile: Optional[str],
+                ca_certs: Optional[str]) -> Optional[ssl.SSLContext]:
+    """The server's TLS context for ``--certfile``/``--keyfile``/``--ca-certs``
+    (None without ``--certfile``): client certificates are required and
+    checked against ``ca_certs`` when it is given. Raises ``ValueError``
+    with one line naming the option and the file."""
+    if certfile is None:
+        if keyfile is not None or ca_certs is not None:
+            raise ValueError("--keyfile and --ca-certs need --certfile")
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        files = certfile if keyfile is None else f"{certfile} and --keyfile {keyfile}"
+        raise ValueError(f"--certfile {files}: cannot load the certificate and its key "
+                         f"({getattr(exc, 'strerror', None) or exc})") from None
+    if ca_certs is not None:
+        try:
+            context.load_verify_locations(ca_certs)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"--ca-certs {ca_certs}: cannot load certificates "
+                             f"({getattr(exc, 'strerror', None) or exc})") from None
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run a server for the block(s) named on the command line."""
     parser = argparse.ArgumentParser(
@@ -98,6 +126,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--health-path", metavar="PATH",
                         help="answer plain GET PATH with 200 'ok', for load balancers "
                              "(e.g. /health; default: off)")
+    parser.add_argument("--certfile", metavar="PEM",
+                        help="serve wss:// with this certificate chain (default: ws://)")
+    parser.add_argument("--keyfile", metavar="PEM",
+                        help="the certificate's private key (default: in --certfile)")
+    parser.add_argument("--ca-certs", metavar="PEM",
+                        help="require client certificates signed by these CAs "
+                             "(default: none asked)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
@@ -115,6 +150,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"--health-path: expected a path starting with '/', "
                          f"not {args.health_path!r}")
         options["health_path"] = args.health_path
+    try:
+        ssl_context = tls_context(args.certfile, args.keyfile, args.ca_certs)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if ssl_context is not None:
+        options["ssl_context"] = ssl_context
     try:
         serve(blocks, host=args.host, port=args.port, **options)
     except OSError as exc:  # the port is taken, the address is not ours, ...

@@ -13,13 +13,14 @@ import itertools
 import logging
 import signal
 import socket
+import ssl
 import threading
 import time
 import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..connection import interrupted_connection_code
-from ..io import PlainTransport, Runtime
+from ..io import PlainTransport, Runtime, Transport
 from ..io.nonblocking import speedups_status
 from ..options import Options, check_port
 from ..protocol import Data, Protocol, Request, Side
@@ -64,11 +65,20 @@ class WebSocketServer:
     path with ``200 OK`` (body ``ok``) from the accept thread, for load
     balancers; off by default. Blocks may serve plain HTTP too (``http=``,
     ``page=``, ``static=``: see :mod:`gaman_sync.server.http`).
+
+    ``ssl_context`` (an ``ssl.SSLContext`` with the server's certificate
+    loaded, e.g. ``ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)``
+    then ``load_cert_chain(certfile, keyfile)``) serves ``wss://`` (and
+    HTTPS for the health path and pages): the TLS handshake runs in the
+    accept thread under ``handshake_timeout``, TLS itself in memory in each
+    connection's transport (see :mod:`gaman_sync.io.tls`). Client
+    certificates are asked for and checked when the context says so
+    (``verify_mode = ssl.CERT_REQUIRED`` and ``load_verify_locations``).
     """
 
     def __init__(self, blocks: Union[Endpoint, Sequence[Endpoint]], host: str = "127.0.0.1",
                  port: int = 8000, *, backlog: int = 1024, health_path: Optional[str] = None,
-                 **options: Any) -> None:
+                 ssl_context: Optional[ssl.SSLContext] = None, **options: Any) -> None:
         if isinstance(blocks, Endpoint):
             blocks = [blocks]
         elif isinstance(blocks, (str, bytes)) or not hasattr(blocks, "__iter__"):
@@ -102,6 +112,8 @@ class WebSocketServer:
                                  f"{health_path!r}")
         self.health_path = health_path
         """The path answered with ``200 OK`` for health checks, or None."""
+        self.ssl_context = _check_ssl_context(ssl_context)
+        """The TLS settings (``wss://``), or None (``ws://``)."""
         self.runtime = Runtime("gaman_sync")
         """The shared threads: timers, the writer, the connection threads."""
         self._connections: Dict[ServerConnection, None] = {}
@@ -163,11 +175,12 @@ class WebSocketServer:
         return listener is not None and listener.fileno() != -1
 
     def url(self, path: str = "/") -> str:
-        """``ws://host:port/path`` for this server (once started)."""
+        """``ws://host:port/path`` (``wss://`` with TLS) for this server (once started)."""
         host = self.address[0]
         if ":" in host:
             host = f"[{host}]"
-        return f"ws://{host}:{self.port}{path}"
+        scheme = "ws" if self.ssl_context is None else "wss"
+        return f"{scheme}://{host}:{self.port}{path}"
 
     def broadcast(self, message: Data, exclude: Exclude = None) -> int:
         """Send ``message`` to the open clients of every block (see
@@ -200,7 +213,8 @@ class WebSocketServer:
         this server had accepted it: its opening handshake is read and checked
         in the accept thread, then it is served like any other connection. A
         server that was not started serves adopted sockets without listening.
-        The server owns the socket from here on."""
+        The server owns the socket from here on; on a server with an
+        ``ssl_context`` it speaks TLS like any other."""
         if not isinstance(sock, socket.socket):
             raise TypeError(f"sock must be a connected socket.socket, not {sock!r}")
         if sock.gettimeout() is not None:
@@ -220,7 +234,7 @@ class WebSocketServer:
         serves_http = any(view.http is not None for view in self._routes.values())
         self._acceptor = Acceptor(listener, self.options, self._route, self._accepted,
                                   self._capacity, self._plain if serves_http else None,
-                                  self.health_path)
+                                  self.health_path, self.ssl_context)
         self._accept_thread = threading.Thread(target=self._acceptor.run,
                                                name="gaman_sync-accept", daemon=True)
         self._accept_thread.start()
@@ -317,17 +331,17 @@ class WebSocketServer:
         """How many more connections may open (the acceptor counts its own)."""
         return self.options.max_connections - len(self._connections)
 
-    def _accepted(self, sock: socket.socket, request: Request, view: BlockServer,
+    def _accepted(self, transport: Transport, request: Request, view: BlockServer,
                   subprotocol: Optional[str], trailing_data: bytes,
                   response: Optional[bytes], key: bytes) -> None:
         """A handshake was accepted (in the accept thread): give the connection
         its thread, which sends the 101 ``response`` (or, for a block that
         decides, makes it from ``key``) once its handler returned."""
         with self._lock:
-            conn = self._connection(sock, request, view, subprotocol, trailing_data, response,
-                                    key)
+            conn = self._connection(transport, request, view, subprotocol, trailing_data,
+                                    response, key)
         if conn is not None:
-            self._launch(conn, sock)
+            self._launch(conn, transport)
 
     def serve_socket(self, sock: socket.socket, request: Request, view: BlockServer,
                      key: bytes, subprotocol: Optional[str] = None,
@@ -358,8 +372,8 @@ class WebSocketServer:
                 raise RuntimeError(refusal)
             _running.add(self)  # a program that exits shuts it down (1001)
             self._speedups = speedups_status()[0]
-            conn = self._connection(sock, request, view, subprotocol, trailing_data, response,
-                                    key)
+            conn = self._connection(PlainTransport(sock), request, view, subprotocol,
+                                    trailing_data, response, key)
         assert conn is not None
         try:
             conn.run()
@@ -368,37 +382,37 @@ class WebSocketServer:
             conn.thread = None
             self._forget(conn)
 
-    def _connection(self, sock: socket.socket, request: Request, view: BlockServer,
+    def _connection(self, transport: Transport, request: Request, view: BlockServer,
                     subprotocol: Optional[str], trailing_data: bytes,
                     response: Optional[bytes], key: bytes) -> Optional[ServerConnection]:
         """The connection of an accepted handshake, counted among this
-        server's (the caller holds the lock); None, and ``sock`` closed, once
-        the server is closing."""
+        server's (the caller holds the lock); None, and ``transport`` closed,
+        once the server is closing."""
         if self._closing:
-            sock.close()
+            transport.close()
             return None
         options = self.options
         conn = ServerConnection(
-            PlainTransport(sock),
+            transport,
             Protocol(Side.SERVER, options.max_message_size, trailing_data,
                      unmask_in_c=self._speedups),
             self.runtime, options, next(self._ids), request, view, subprotocol, response, key)
         self._connections[conn] = None
         return conn
 
-    def _plain(self, sock: socket.socket, request: Request, view: BlockServer) -> None:
+    def _plain(self, transport: Transport, request: Request, view: BlockServer) -> None:
         """A plain HTTP request for a block that serves HTTP (in the accept
         thread): its answer is made and sent in a connection thread."""
         with self._lock:
             if self._closing:
-                sock.close()
+                transport.close()
                 return
-            conn = HttpExchange(PlainTransport(sock), Protocol(Side.SERVER), self.runtime,
+            conn = HttpExchange(transport, Protocol(Side.SERVER), self.runtime,
                                 self.options, next(self._ids), request, view, None, None)
             self._connections[conn] = None
-        self._launch(conn, sock)
+        self._launch(conn, transport)
 
-    def _launch(self, conn: ServerConnection, sock: socket.socket) -> None:
+    def _launch(self, conn: ServerConnection, transport: Transport) -> None:
         """Run ``conn`` in a connection thread."""
         def serve() -> None:
             thread = threading.current_thread()
@@ -413,7 +427,7 @@ class WebSocketServer:
         except RuntimeError as exc:  # "can't start new thread"
             logger.warning("could not start a thread for a connection: %s", exc)
             self._forget(conn)
-            sock.close()
+            transport.close()
 
     def _forget(self, conn: ServerConnection) -> None:
         """A connection's thread is done with it."""
@@ -482,6 +496,22 @@ class WebSocketServer:
             return True
 
 
+def _check_ssl_context(context: Any) -> Optional[ssl.SSLContext]:
+    """``ssl_context`` if it can serve TLS; one clear error otherwise."""
+    if context is None:
+        return None
+    if not isinstance(context, ssl.SSLContext):
+        raise TypeError(f"ssl_context must be an ssl.SSLContext (or None for ws://), "
+                        f"not {context!r}")
+    try:
+        context.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_side=True)
+    except (ValueError, ssl.SSLError) as exc:
+        raise ValueError(f"ssl_context cannot serve TLS: {exc} (make it with "
+                         f"ssl.create_default_context(ssl.Purpose.CLIENT_AUTH) or "
+                         f"ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))") from None
+    return context
+
+
 def _peer_of(sock: socket.socket) -> Any:
     try:
         return sock.getpeername() or "local"  # a socketpair's end has no address
@@ -500,6 +530,9 @@ def _listen(host: str, port: int, backlog: int) -> socket.socket:
 def serve(blocks: Union[Endpoint, Sequence[Endpoint]], host: str = "127.0.0.1",
           port: int = 8000, **options: Any) -> None:
     """Run a server until Ctrl-C or SIGTERM, then shut it down cleanly.
+
+    Keyword arguments are :class:`WebSocketServer`'s (``ssl_context`` for
+    ``wss://``, ``health_path``) and the options of :class:`~gaman_sync.Options`.
 
     The first signal starts the shutdown (within the ``shutdown_timeout``
     option); a second Ctrl-C or SIGTERM during it ends the program at once,
