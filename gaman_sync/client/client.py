@@ -74,7 +74,7 @@ from ..exceptions import (ConnectionClosedOK, HandshakeTimeout, InvalidCertifica
                           InvalidRedirect, InvalidStatus, InvalidURI, closed_error)
 from ..io import PlainTransport, Runtime
 from ..io.tls import TLSTransport
-from ..options import SERVER_ONLY, Options
+from ..options import SERVER_ONLY, Deflate, Options
 from ..protocol import ClientHandshake, Headers, Protocol, Request, Response, Side
 
 __all__ = ["connect", "ClientConnection"]
@@ -244,7 +244,10 @@ class ClientConnection(Connection):
 
     def send(self, message: Any, timeout: Optional[float] = None) -> None:
         try:
-            super().send(message, timeout)
+            if self._proto.encodes_in_order:
+                self.send_in_order(message, timeout)  # compression with context takeover
+            else:
+                super().send(message, timeout)
         finally:
             self._came_back()
 
@@ -404,10 +407,11 @@ _REDIRECTS = (301, 302, 303, 307, 308)
 
 
 def _next_request(url: str, offered: Sequence[str], extra: Sequence[Tuple[str, str]],
-                  origin: Optional[str]) -> Request:
+                  origin: Optional[str], compression: Optional[Deflate] = None) -> Request:
     """The request about to be sent to ``url`` (for ``on_redirect``)."""
     _, _, target, host_header, _ = _parse_url(url)
-    handshake = ClientHandshake(host_header, target, offered, extra, origin)
+    handshake = ClientHandshake(host_header, target, offered, extra, origin,
+                                compression=compression)
     return Request("GET", target, Headers(handshake.request_headers))
 
 
@@ -591,7 +595,8 @@ def connect(url: str, *, subprotocols: Sequence[str] = (),
     chain = [url]
     while True:
         _, _, target, host_header, _ = _parse_url(url)
-        handshake = ClientHandshake(host_header, target, offered, extra, origin)
+        handshake = ClientHandshake(host_header, target, offered, extra, origin,
+                                    compression=opts.compression)
         try:
             transport, handshake = _handshake(url, handshake, sock, deadline, open_timeout,
                                               ssl_context)
@@ -603,12 +608,13 @@ def connect(url: str, *, subprotocols: Sequence[str] = (),
             url = next_hop(chain, location, max_redirects)
             sock = None  # a given socket served the first hop only
             if on_redirect is not None:
-                on_redirect(url, _next_request(url, offered, extra, origin))
+                on_redirect(url, _next_request(url, offered, extra, origin, opts.compression))
     assert handshake.response is not None
     runtime = client_runtime()
     conn = ClientConnection(
         transport,
-        Protocol(Side.CLIENT, opts.max_message_size, handshake.trailing_data),
+        Protocol(Side.CLIENT, opts.max_message_size, handshake.trailing_data,
+                 deflate=handshake.deflate),
         runtime, opts, url, handshake.response, handshake.subprotocol, callbacks, max_queue)
     try:
         runtime.workers.run(conn.run)

@@ -210,6 +210,20 @@ class Connection:
                                     else timeout)
             self._write_frame(header, payload)
 
+    def send_in_order(self, message: Data, timeout: Optional[float] = None) -> None:
+        """:meth:`send` for a protocol whose frames must be encoded in wire
+        order (a compressor with context takeover): room is waited for
+        first, then the frame is encoded and written under the lock."""
+        size = len(message)  # the uncompressed size bounds the room to wait for
+        with self._lock:
+            if not self._proto.is_open:
+                raise self._closed_error()
+            if self._outgoing_size and self._outgoing_size + size > self.options.write_limit:
+                self._wait_for_room(size, self.options.send_timeout if timeout is None
+                                    else timeout)
+            header, payload = self._proto.encode(message)
+            self._write_frame(header, payload)
+
     def ping(self, data: Union[bytes, str] = b"") -> None:
         """Send a ping (at most 125 bytes); the pong reaches ``on_pong``."""
         if isinstance(data, str):
