@@ -274,16 +274,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, TypeError) as exc:  # two blocks on one path, say
         parser.error(str(exc))
 
-    try:
-        try:
-            server.start()
-        except OSError as exc:  # the port is taken, the address is not ours, ...
-            parser.error(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
-        for url in served_urls(server):
+    def ready(started: WebSocketServer) -> None:
+        for url in served_urls(started):
             logger.info("serving %s", url)
-        serve_until_signalled(server)
+
+    try:
+        serve_until_signalled(server, ready)
+    except OSError as exc:  # the port is taken, the address is not ours, ...
+        if server.listening or server.wait_for_shutdown_request(0):
+            raise
+        parser.error(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
     except KeyboardInterrupt as exc:  # a second signal during the shutdown
-        # (or a first one before the handlers were set: the exit hook shuts down)
         print(f"{PROG}: stopped at once ({exc or 'interrupted'})", file=sys.stderr)
         return 130
     return 0

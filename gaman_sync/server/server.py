@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 import weakref
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..connection import interrupted_connection_code
 from ..io import PlainTransport, Runtime
@@ -586,11 +586,15 @@ def serve(blocks: Union[Endpoint, Sequence[Endpoint]], host: str = "127.0.0.1",
     serve_until_signalled(WebSocketServer(blocks, host=host, port=port, **options))
 
 
-def serve_until_signalled(server: WebSocketServer) -> None:
-    """:func:`serve` for a server already made (and perhaps started): start
-    it if needed, and serve until Ctrl-C or SIGTERM, then shut it down. A
-    second signal during the shutdown raises ``KeyboardInterrupt``. Signal
-    handlers are set only in the main thread, and restored on return."""
+def serve_until_signalled(server: WebSocketServer,
+                          ready: Optional[Callable[[WebSocketServer], Any]] = None) -> None:
+    """:func:`serve` for a server already made: serve until Ctrl-C or
+    SIGTERM, then shut it down. The handlers are set (in the main thread
+    only) before the server starts, so that no signal finds the program
+    without them, and restored on return; ``ready(server)`` is called once it
+    listens. A second signal during the shutdown raises ``KeyboardInterrupt``.
+    An ``OSError`` of :meth:`~WebSocketServer.start` (a port in use) is
+    raised as it is."""
     previous = {}
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -605,6 +609,13 @@ def serve_until_signalled(server: WebSocketServer) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, on_signal)
     try:
+        server.start()
+        try:
+            if ready is not None:
+                ready(server)
+        except BaseException:
+            server.shutdown()
+            raise
         server.serve_forever()
     finally:
         for sig, handler in previous.items():
