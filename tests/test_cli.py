@@ -67,7 +67,7 @@ class Running:
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      text=True)
         self.lines: List[str] = []
-        self._queue: "queue.Queue[Optional[str]]" = queue.Queue()
+        self._queue: queue.Queue[Optional[str]] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         self.port = int(self.wait_line(r"listening on 127\.0\.0\.1:(\d+)").group(1))
@@ -78,7 +78,7 @@ class Running:
             self._queue.put(line.rstrip("\n"))
         self._queue.put(None)
 
-    def wait_line(self, pattern: str, timeout: float = WAIT) -> "re.Match[str]":
+    def wait_line(self, pattern: str, timeout: float = WAIT) -> re.Match[str]:
         """The next stderr line that matches ``pattern`` (earlier ones are kept
         in :attr:`lines`)."""
         deadline = time.monotonic() + timeout

@@ -15,7 +15,7 @@ from typing import Callable, List
 
 import pytest
 
-from gaman_sync import InvalidStatus, Redirect, Reject, connect, define_block
+from gaman_sync import InvalidStatus, Reject, connect, define_block
 from gaman_sync.server import ServerStats
 
 from .conftest import WAIT, Recorder
@@ -191,7 +191,8 @@ class Records(logging.Handler):
                 return bool(found)
 
             if not self.cond.wait_for(seen, timeout):
-                raise AssertionError(f"no such record; got {[r.getMessage() for r in self.records]}")
+                got = [r.getMessage() for r in self.records]
+                raise AssertionError(f"no such record; got {got}")
             return found[0]
 
 
@@ -216,7 +217,7 @@ def records():
 
 def test_access_log_option_logs_one_line_per_connection_with_its_fields(make_server, records):
     access = records("gaman_sync.access")
-    block, closes = doubling_block()
+    block, _ = doubling_block()
     server = make_server(block, ping_interval=None, access_log=True)
     ws = connect(server.url("/room?secret=1"), ping_interval=None)
     local = ws.transport.sock.getsockname()
@@ -260,7 +261,8 @@ def test_stats_interval_logs_stats_from_the_timer_thread(make_server, records):
     with connect(server.url("/room"), ping_interval=None) as ws:
         ws.send("x")
         assert ws.recv(timeout=WAIT) == "xx"
-        record = lines.wait(lambda r: "open=1 accepted=1 rejected=- messages_in=1 " in r.getMessage())
+        record = lines.wait(
+            lambda r: "open=1 accepted=1 rejected=- messages_in=1 " in r.getMessage())
     assert record.threadName == "gaman_sync-timers"
     assert record.getMessage().startswith("stats: open=1 accepted=1 rejected=- messages_in=1")
     assert "\n" not in record.getMessage()

@@ -595,7 +595,7 @@ def serve_until_signalled(server: WebSocketServer,
     listens. A second signal during the shutdown raises ``KeyboardInterrupt``.
     An ``OSError`` of :meth:`~WebSocketServer.start` (a port in use) is
     raised as it is."""
-    previous = {}
+    previous: Dict[signal.Signals, Any] = {}
 
     def on_signal(signum: int, frame: Any) -> None:
         if server.wait_for_shutdown_request(0):

@@ -88,8 +88,8 @@ class Tally:
         snapshot is taken."""
         self._accepted = 0  # of the connections that have ended
         self._traffic = [0, 0, 0, 0]  # messages_in, bytes_in, messages_out, bytes_out
-        self._rejected: Counter = Counter()
-        self._closes: Counter = Counter()
+        self._rejected: Counter[int] = Counter()
+        self._closes: Counter[int] = Counter()
 
     def rejected(self, status: int) -> None:
         """A handshake was refused with ``status`` (any thread)."""
@@ -135,10 +135,9 @@ class Tally:
 def access_fields(conn: ServerConnection, code: int,
                   duration: float) -> Tuple[str, Dict[str, Any]]:
     """The access log's line for an ended connection, and its fields (set on
-    the log record too, for handlers that want them apart)::
-
-        peer=127.0.0.1:50312 path=/chat code=1000 duration=2.031s messages_in=3 bytes_in=120 messages_out=5 bytes_out=310
-    """
+    the log record too, for handlers that want them apart), such as
+    ``peer=127.0.0.1:50312 path=/chat code=1000 duration=2.031s messages_in=3
+    bytes_in=120 messages_out=5 bytes_out=310`` (on one line)."""
     fields: Dict[str, Any] = {
         "peer": format_address(conn.remote_address), "path": conn.request.raw_path,
         "code": code, "duration": round(duration, 3),
