@@ -26,9 +26,9 @@ const WebSocket = require('ws');
 const cfg = JSON.parse(process.argv[2]);
 const TLS_CA = cfg.tls ? fs.readFileSync(cfg.tls.ca) : null;
 // A TCP or a TLS connection; `ready` is the event after which to speak.
-function connectSocket() {
-  if (TLS_CA) return [tls.connect({ host: HOST, port: cfg.port, ca: TLS_CA }), 'secureConnect'];
-  return [net.connect({ host: HOST, port: cfg.port }), 'connect'];
+function connectSocket(port = cfg.port) {
+  if (TLS_CA) return [tls.connect({ host: HOST, port, ca: TLS_CA }), 'secureConnect'];
+  return [net.connect({ host: HOST, port }), 'connect'];
 }
 const HOST = '127.0.0.1';
 const CONNECT_TIMEOUT = (cfg.connectTimeout || 20) * 1000;
@@ -189,11 +189,11 @@ function clientFrame(payloadBuf) {
   return Buffer.concat([Buffer.from([0x81, 0x80 | payloadBuf.length, 0, 0, 0, 0]), payloadBuf]);
 }
 
-function openLean(path, payloadSize, onMessage) {
+function openLean(path, payloadSize, onMessage, port = cfg.port) {
   if (cfg.proto === 'tcp') return openTcp(path, payloadSize, onMessage);
   const frameSize = payloadSize + 2;
   return new Promise((resolve, reject) => {
-    const [sock, ready] = connectSocket();
+    const [sock, ready] = connectSocket(port);
     sock.setNoDelay(true);
     let opened = false;
     let head = '';
@@ -216,7 +216,7 @@ function openLean(path, payloadSize, onMessage) {
     };
     sock.on(ready, () =>
       sock.write(
-        `GET ${path} HTTP/1.1\r\nHost: ${HOST}:${cfg.port}\r\nUpgrade: websocket\r\n` +
+        `GET ${path} HTTP/1.1\r\nHost: ${HOST}:${port}\r\nUpgrade: websocket\r\n` +
           `Connection: Upgrade\r\nSec-WebSocket-Key: ${KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n`,
       ),
     );
@@ -367,14 +367,19 @@ scenarios.handshake = () => ({
 
 // cfg.conns clients on /broadcast; the first also sends. It keeps at most
 // cfg.window broadcasts in flight (counted from the deliveries), so the
-// server's buffers stay small and never trip a slow-client limit.
+// server's buffers stay small and never trip a slow-client limit. With
+// cfg.ports (servers sharing a broker), the clients take each port in turn.
 scenarios.broadcast = () => {
   let conns = [];
   let onDelivery = () => {};
   let closed = 0;
+  let turn = 0;
+  const opener = cfg.ports
+    ? (path, size, onMessage) => openLean(path, size, onMessage, cfg.ports[turn++ % cfg.ports.length])
+    : openLean;
   return {
     async setup() {
-      const opened = await openMany(cfg.conns, '/broadcast', cfg.size, () => onDelivery(), 100, 0, openLean);
+      const opened = await openMany(cfg.conns, '/broadcast', cfg.size, () => onDelivery(), 100, 0, opener);
       conns = opened.conns;
       if (opened.failed) throw new Error(`${opened.failed} connections failed: ${opened.firstError}`);
       for (const c of conns) c.onclose = () => closed++;

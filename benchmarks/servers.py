@@ -82,13 +82,26 @@ def run_gaman_sync() -> None:
     def broadcast(ctx):
         return {"on_message": ctx.server.broadcast}
 
-    # gaman_sync sets TCP_NODELAY itself and never compresses.
+    def broadcast_room(ctx):
+        # GAMAN_BENCH_ROOM (run.py's broadcast-room): every client in one room.
+        ctx.join("all")
+        send = ctx.server.broadcast
+        return {"on_message": lambda message: send(message, room="all")}
+
+    if os.environ.get("GAMAN_BENCH_ROOM"):
+        broadcast = broadcast_room  # noqa: F811
+
+    # gaman_sync sets TCP_NODELAY itself and never compresses. With
+    # GAMAN_BENCH_REDIS (run.py's broadcast-redis), broadcasts go through Redis.
     context = tls_context()
+    options = {"ssl_context": context} if context is not None else {}
+    if os.environ.get("GAMAN_BENCH_REDIS"):
+        from gaman_sync import RedisBroker
+        options["broker"] = RedisBroker(os.environ["GAMAN_BENCH_REDIS"])
     server = WebSocketServer(
         [define_block("/echo", echo), define_block("/broadcast", broadcast)],
         host=HOST, port=0, backlog=BACKLOG, max_message_size=MESSAGE_LIMIT,
-        ping_interval=None, max_connections=20000,
-        **({"ssl_context": context} if context is not None else {}))
+        ping_interval=None, max_connections=20000, **options)
     server.start()
     ready(server.port)
     wait_forever()

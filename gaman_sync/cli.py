@@ -30,6 +30,7 @@ import sys
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence
 
 from .app import Block
+from .broker import BrokerUnavailable, RedisBroker
 from .client.__main__ import main as client_main
 from .options import MiB, Options, check_port
 from .server import WebSocketServer, serve_until_signalled
@@ -217,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="require client certificates signed by these CAs "
                              "(default: none asked)")
 
+    scale = parser.add_argument_group("several processes")
+    scale.add_argument("--redis", metavar="URL",
+                       help="share broadcasts with the other processes through Redis "
+                            "(e.g. redis://127.0.0.1:6379/0; needs pip install "
+                            "'gaman_sync[redis]'; default: off)")
+
     conn = parser.add_argument_group("connections")
     conn.add_argument("--max-message-size", type=_bytes, metavar="BYTES",
                       default=defaults.max_message_size,
@@ -307,9 +314,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ssl_context = tls_context(args.certfile, args.keyfile, args.ca_certs)
     except ValueError as exc:
         parser.error(str(exc))
+    broker_options: Dict[str, Any] = {}
+    if args.redis is not None:
+        try:
+            broker_options["broker"] = RedisBroker(args.redis)
+        except (ImportError, ValueError) as exc:
+            parser.error(f"--redis: {exc}")
     try:
         server = WebSocketServer(blocks, host=args.host, port=args.port,
-                                 ssl_context=ssl_context, **_server_options(args))
+                                 ssl_context=ssl_context, **broker_options,
+                                 **_server_options(args))
     except (ValueError, TypeError) as exc:  # two blocks on one path, say
         parser.error(str(exc))
 
@@ -319,6 +333,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         serve_until_signalled(server, ready)
+    except BrokerUnavailable as exc:
+        parser.error(f"--redis: {exc}")
     except OSError as exc:  # the port is taken, the address is not ours, ...
         if server.listening or server.wait_for_shutdown_request(0):
             raise

@@ -18,7 +18,7 @@ sent in place of the 101; the connection then ends without a WebSocket frame.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, FrozenSet, Optional
 from urllib.parse import urljoin
 
 from ..connection import Connection
@@ -75,6 +75,25 @@ class ServerConnection(Connection):
         """How the opening handshake was answered: 101 once accepted, else the
         status of the refusal or redirect that ``on_request`` (or the block)
         made; None while it decides, and for a plain HTTP request."""
+
+    # -- Rooms (see gaman_sync.server.blocks) -----------------------------
+
+    def join(self, room: str) -> None:
+        """Join ``room`` of this block: ``ctx.server.broadcast(m, room=room)``
+        reaches it, in every process that shares a broker. From any thread;
+        joining twice is joining once. The connection leaves every room once
+        it has ended."""
+        self.server.join(self, room)
+
+    def leave(self, room: str) -> None:
+        """Leave ``room`` (nothing if not in it)."""
+        self.server.leave(self, room)
+
+    @property
+    def rooms(self) -> FrozenSet[str]:
+        """The rooms this connection is in (still set in ``on_close``; empty
+        once the connection has ended)."""
+        return self.server.rooms_of(self)
 
     def opening(self) -> bool:
         """Decide (for a block that does), run the endpoint's handler for this
