@@ -43,7 +43,7 @@ _EXPORTS = {
     "SendTimeout": "exceptions", "InvalidHandshake": "exceptions", "InvalidURI": "exceptions",
     "InvalidStatus": "exceptions", "InvalidHeader": "exceptions",
     "InvalidMessage": "exceptions", "HandshakeTimeout": "exceptions",
-    "InvalidRedirect": "exceptions", "InvalidCertificate": "exceptions",
+    "InvalidRedirect": "exceptions", "InvalidCertificate": "io.tls",
     "WebSocketMiddleware": "wsgi",
 }
 # GamanJS's names for ours.
@@ -73,9 +73,10 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .client import ClientConnection, connect
     from .connection import Connection, ReadyState, WebSocketHandler
     from .exceptions import (ConnectionClosed, ConnectionClosedError, ConnectionClosedOK,
-                             HandshakeTimeout, InvalidCertificate, InvalidHandshake,
-                             InvalidHeader, InvalidMessage, InvalidRedirect, InvalidStatus,
-                             InvalidURI, SendTimeout, WebSocketError)
+                             HandshakeTimeout, InvalidHandshake, InvalidHeader,
+                             InvalidMessage, InvalidRedirect, InvalidStatus, InvalidURI,
+                             SendTimeout, WebSocketError)
+    from .io.tls import InvalidCertificate
     from .options import Options
     from .protocol import CloseCode, Headers, Request, Response
     from .server import (Accept, BlockServer, Redirect, Reject, ServerConnection,

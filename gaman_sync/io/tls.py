@@ -67,10 +67,11 @@ import threading
 import time
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
+from ..exceptions import InvalidHandshake
 from . import nonblocking
 from .transport import Transport
 
-__all__ = ["TLSTransport"]
+__all__ = ["TLSTransport", "InvalidCertificate"]
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -413,3 +414,27 @@ class TLSTransport(Transport):
 
     def __repr__(self) -> str:
         return f"<TLSTransport fd={self.sock.fileno()} {self.ssl.version() or 'handshaking'}>"
+
+
+class InvalidCertificate(InvalidHandshake, ssl.SSLCertVerificationError):
+    """The server's TLS certificate does not verify (untrusted, expired, for
+    another host): the message names the URL and the reason.
+
+    Also an ``ssl.SSLCertVerificationError`` (so an ``ssl.SSLError`` and an
+    ``OSError``), as other TLS clients raise: code that catches either works.
+    ``url``, ``verify_code`` and ``verify_message`` say what and why.
+    """
+
+    def __init__(self, url: str, error: ssl.SSLCertVerificationError) -> None:
+        self.url = url
+        why = getattr(error, "verify_message", None) or getattr(error, "reason", None) \
+            or str(error)
+        ssl.SSLCertVerificationError.__init__(
+            self, error.errno, f"the TLS certificate of {url} does not verify: {why}")
+        self.verify_code = getattr(error, "verify_code", None)
+        self.verify_message = getattr(error, "verify_message", None)
+        self.reason = getattr(error, "reason", None)
+        self.library = getattr(error, "library", None)
+
+    def __str__(self) -> str:
+        return str(self.args[1])
