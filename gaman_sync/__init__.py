@@ -35,7 +35,7 @@ _EXPORTS = {
     "serve": "server", "Accept": "server", "Reject": "server", "Redirect": "server",
     "ClientConnection": "client", "connect": "client",
     "Connection": "connection", "ReadyState": "connection", "WebSocketHandler": "connection",
-    "Options": "options",
+    "Options": "options", "Deflate": "options",
     "CloseCode": "protocol", "Headers": "protocol", "Request": "protocol",
     "Response": "protocol",
     "WebSocketError": "exceptions", "ConnectionClosed": "exceptions",
@@ -77,7 +77,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
                              InvalidMessage, InvalidRedirect, InvalidStatus, InvalidURI,
                              SendTimeout, WebSocketError)
     from .io.tls import InvalidCertificate
-    from .options import Options
+    from .options import Deflate, Options
     from .protocol import CloseCode, Headers, Request, Response
     from .server import (Accept, BlockServer, Redirect, Reject, ServerConnection,
                          WebSocketServer, serve)

@@ -14,9 +14,22 @@ Two ways to consume messages:
 
 - with ``handler=`` (the callbacks of :class:`~gaman_sync.WebSocketHandler`,
   or a dict of them), the connection's thread calls them, as on a server;
-- without, messages wait in a queue for :meth:`ClientConnection.recv` (or a
-  ``for`` loop). When ``max_queue`` messages wait, the connection's thread
-  stops reading, so a fast server is slowed by TCP, not by our memory.
+- without, :meth:`ClientConnection.recv` (or a ``for`` loop) returns them.
+
+Without a handler, the application's thread reads. Handing each message
+from one thread to another costs a wake-up of the receiving thread, which
+is most of the cost of a small round trip; so once the application waits in
+``recv()``, the connection's thread lends it the reading
+(:meth:`~gaman_sync.connection.Connection.lend_reader`) and waits: ``recv()``
+then reads the socket and parses in the caller's thread, answering pings on
+the way, as websocket-client does, and a request-response exchange costs no
+thread switch. The connection's thread takes the reading back whenever the
+application stays away from ``recv()`` for 50 ms (so pings are answered,
+keepalive pongs noted and the server's close handled without its help), when
+``recv()`` meets the server's close or a protocol error, and when the
+connection is closed or dropped from any thread. While the thread reads,
+messages wait in a queue; when ``max_queue`` of them wait, it stops reading,
+so a fast server is slowed by TCP, not by our memory.
 
 A message handed straight to a ``recv()`` that was waiting for it keeps the
 order a handler would give: the connection's thread handles nothing received
@@ -61,7 +74,7 @@ from ..exceptions import (ConnectionClosedOK, HandshakeTimeout, InvalidRedirect,
                           InvalidURI, closed_error)
 from ..io import PlainTransport, Runtime
 from ..io.tls import InvalidCertificate, TLSTransport
-from ..options import SERVER_ONLY, Options
+from ..options import SERVER_ONLY, Deflate, Options
 from ..protocol import ClientHandshake, Headers, Protocol, Request, Response, Side
 
 __all__ = ["connect", "ClientConnection"]
@@ -177,24 +190,45 @@ class ClientConnection(Connection):
             raise RuntimeError("recv() is not available on a connection with a handler: "
                                "its messages go to on_message")
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._arrived:
+        if not self._messages:
+            # The usual case once the reading is lent: read here, at once.
+            # (Nothing reaches the queue while it is lent.)
             self._comebacks += 1
-            if self._handing:
-                self._arrived.notify_all()  # the connection's thread may go on
-            while not self._messages:
-                if self._done.is_set():
-                    raise closed_error(self.close_code, self.close_reason)
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise TimeoutError(f"no message in {timeout} s")
-                self._receivers += 1
-                try:
-                    self._arrived.wait(remaining)
-                finally:
-                    self._receivers -= 1
-            message = self._messages.popleft()
-            self._arrived.notify_all()
-            return message
+            message = self.read_message(timeout)
+            if message is not None:
+                return message
+        arrived = self._arrived
+        while True:
+            with arrived:
+                self._comebacks += 1
+                if self._handing:
+                    arrived.notify_all()  # the connection's thread may go on
+                while not self._messages:
+                    if self._done.is_set():
+                        raise closed_error(self.close_code, self.close_reason)
+                    if self.reader_lent():
+                        break  # read in this thread, below
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise TimeoutError(f"no message in {timeout} s")
+                    # From its next read on, the connection's thread lets
+                    # this one read: no hand-over between threads per message.
+                    self.lend_reader(arrived)
+                    self._receivers += 1
+                    try:
+                        arrived.wait(remaining)
+                    finally:
+                        self._receivers -= 1
+                else:
+                    message = self._messages.popleft()
+                    arrived.notify_all()
+                    return message
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            message = self.read_message(remaining)
+            if message is not None:
+                return message
+            # The connection is ending, or the thread took its reading back:
+            # what it handles reaches the queue.
 
     def __iter__(self) -> Iterator[Union[str, bytes]]:
         """Every message until the connection closes; a normal close ends the
@@ -210,7 +244,10 @@ class ClientConnection(Connection):
 
     def send(self, message: Any, timeout: Optional[float] = None) -> None:
         try:
-            super().send(message, timeout)
+            if self._proto.encodes_in_order:
+                self.send_in_order(message, timeout)  # compression with context takeover
+            else:
+                super().send(message, timeout)
         finally:
             self._came_back()
 
@@ -370,10 +407,11 @@ _REDIRECTS = (301, 302, 303, 307, 308)
 
 
 def _next_request(url: str, offered: Sequence[str], extra: Sequence[Tuple[str, str]],
-                  origin: Optional[str]) -> Request:
+                  origin: Optional[str], compression: Optional[Deflate] = None) -> Request:
     """The request about to be sent to ``url`` (for ``on_redirect``)."""
     _, _, target, host_header, _ = _parse_url(url)
-    handshake = ClientHandshake(host_header, target, offered, extra, origin)
+    handshake = ClientHandshake(host_header, target, offered, extra, origin,
+                                compression=compression)
     return Request("GET", target, Headers(handshake.request_headers))
 
 
@@ -557,7 +595,8 @@ def connect(url: str, *, subprotocols: Sequence[str] = (),
     chain = [url]
     while True:
         _, _, target, host_header, _ = _parse_url(url)
-        handshake = ClientHandshake(host_header, target, offered, extra, origin)
+        handshake = ClientHandshake(host_header, target, offered, extra, origin,
+                                    compression=opts.compression)
         try:
             transport, handshake = _handshake(url, handshake, sock, deadline, open_timeout,
                                               ssl_context)
@@ -569,12 +608,13 @@ def connect(url: str, *, subprotocols: Sequence[str] = (),
             url = next_hop(chain, location, max_redirects)
             sock = None  # a given socket served the first hop only
             if on_redirect is not None:
-                on_redirect(url, _next_request(url, offered, extra, origin))
+                on_redirect(url, _next_request(url, offered, extra, origin, opts.compression))
     assert handshake.response is not None
     runtime = client_runtime()
     conn = ClientConnection(
         transport,
-        Protocol(Side.CLIENT, opts.max_message_size, handshake.trailing_data),
+        Protocol(Side.CLIENT, opts.max_message_size, handshake.trailing_data,
+                 deflate=handshake.deflate),
         runtime, opts, url, handshake.response, handshake.subprotocol, callbacks, max_queue)
     try:
         runtime.workers.run(conn.run)

@@ -18,6 +18,7 @@ from typing import runtime_checkable
 
 from ..connection import WebSocketHandler
 from ..protocol import Data, HandshakeError, Request, encode_frame
+from ..protocol.deflate import broadcast_frame
 from ..protocol.handshake import check_upgrade
 from .connection import ServerConnection
 from .decisions import Decision
@@ -87,6 +88,9 @@ class BlockServer:
         # thousands of connections ending at once would queue on (each
         # holder waiting its turn for the GIL among them).
         self._clients: Dict[ServerConnection, None] = {}
+        # Those of them with permessage-deflate: while there is none, a
+        # broadcast is exactly the plain one.
+        self._deflated: Dict[ServerConnection, None] = {}
         self.upgrades = endpoint.websocket is not None or endpoint.redirect is not None
         """Does it take WebSocket upgrades (else plain HTTP only)?"""
         self.http = endpoint.http
@@ -162,15 +166,23 @@ class BlockServer:
         id, or several of either. Returns the number of clients the message
         was queued for.
         """
-        return broadcast(list(self._clients), message, exclude)
+        return broadcast(list(self._clients), message, exclude, bool(self._deflated))
 
     def add(self, conn: ServerConnection) -> None:
         """``conn`` joins the clients (its thread, once its handler returned)."""
+        if conn.deflate_window is not None:
+            self._deflated[conn] = None
         self._clients[conn] = None
 
     def discard(self, conn: ServerConnection) -> None:
         """``conn`` is gone (the server, once its thread is done with it)."""
         self._clients.pop(conn, None)
+        self._deflated.pop(conn, None)
+
+    @property
+    def compressing(self) -> bool:
+        """Has any client of this block negotiated permessage-deflate?"""
+        return bool(self._deflated)
 
     def __repr__(self) -> str:
         return f"<BlockServer {self.path} with {len(self._clients)} clients>"
@@ -195,8 +207,16 @@ def _excluded_ids(exclude: Exclude) -> frozenset:
     return frozenset(ids)
 
 
-def broadcast(clients: Sequence[ServerConnection], message: Data, exclude: Exclude) -> int:
-    """Queue ``message``, encoded once, for each of ``clients`` not excluded."""
+def broadcast(clients: Sequence[ServerConnection], message: Data, exclude: Exclude,
+              deflated: bool = False) -> int:
+    """Queue ``message``, encoded once, for each of ``clients`` not excluded.
+
+    With ``deflated`` (some of them negotiated permessage-deflate), it is
+    encoded once per kind of frame they take: plain, and compressed with each
+    window in use (a server compresses every message on its own, so one
+    compressed frame fits every client with that window)."""
+    if deflated:
+        return _broadcast_deflated(clients, message, exclude)
     header, payload = encode_frame(message)
     frame = header + payload
     skip = _excluded_ids(exclude)
@@ -207,10 +227,39 @@ def broadcast(clients: Sequence[ServerConnection], message: Data, exclude: Exclu
         if conn.send_frame_nowait(frame):
             sent += 1
         elif conn.is_open:
-            # Over write_limit: a close frame would wait behind the backlog
-            # the peer is not reading, so TCP is dropped and 1008 reported.
-            logger.warning("%s: closed with 1008, its outgoing buffer is over write_limit "
-                           "(%s bytes): the client is not reading", conn,
-                           conn.options.write_limit)
-            conn.abort(1008, "outgoing buffer over write_limit")
+            _drop(conn)
     return sent
+
+
+def _broadcast_deflated(clients: Sequence[ServerConnection], message: Data,
+                        exclude: Exclude) -> int:
+    skip = _excluded_ids(exclude)
+    frames: Dict[Optional[int], bytes] = {}
+    sent = 0
+    for conn in clients:
+        if skip and conn.id in skip:
+            continue
+        window = conn.deflate_window
+        frame = frames.get(window)
+        if frame is None:
+            if window is None:
+                header, payload = encode_frame(message)
+                frame = header + payload
+            else:
+                agreement = conn.deflate_agreement
+                assert agreement is not None
+                frame = broadcast_frame(message, agreement)
+            frames[window] = frame
+        if conn.send_frame_nowait(frame):
+            sent += 1
+        elif conn.is_open:
+            _drop(conn)
+    return sent
+
+
+def _drop(conn: ServerConnection) -> None:
+    # Over write_limit: a close frame would wait behind the backlog the peer
+    # is not reading, so TCP is dropped and 1008 reported.
+    logger.warning("%s: closed with 1008, its outgoing buffer is over write_limit "
+                   "(%s bytes): the client is not reading", conn, conn.options.write_limit)
+    conn.abort(1008, "outgoing buffer over write_limit")

@@ -25,7 +25,7 @@ from ..connection import Connection
 from ..io import Runtime, Transport
 from ..options import Options
 from ..protocol import Protocol, Request
-from ..protocol.handshake import accept_response, error_response
+from ..protocol.handshake import accept_response, add_header, error_response
 from ..protocol.http import format_address
 from .decisions import Accept, Redirect, Reject
 from .routing import fill
@@ -42,15 +42,26 @@ class ServerConnection(Connection):
     """A WebSocket connection accepted by a server: the ``ctx`` a block's
     handler is called with (GamanJS's ``WebSocketContext``)."""
 
-    __slots__ = ("id", "server", "request", "subprotocol", "_key")
+    __slots__ = ("id", "server", "request", "subprotocol", "_key", "_extensions",
+                 "deflate_window", "deflate_agreement")
 
     def __init__(self, transport: Transport, protocol: Protocol, runtime: Runtime,
                  options: Options, conn_id: int, request: Request, server: "BlockServer",
                  subprotocol: Optional[str], response: Optional[bytes],
-                 key: bytes = b"") -> None:
+                 key: bytes = b"", extensions: Optional[str] = None) -> None:
+        # The extensions accepted (permessage-deflate) go in the 101.
+        if response is not None and extensions is not None:
+            response = add_header(response, "Sec-WebSocket-Extensions", extensions)
         # A block that decides makes its 101 later: the writes wait all the same.
         super().__init__(transport, protocol, runtime, options, request.remote_address,
                          preamble=response if response is not None else b"")
+        self._extensions = extensions
+        deflate = self.deflate_agreement = protocol.deflate
+        """The permessage-deflate parameters negotiated, or None."""
+        self.deflate_window = deflate.broadcast_window() if deflate is not None else None
+        """The window our compressor uses with this client (0: it sends
+        plain), or None without permessage-deflate: a broadcast encodes one
+        frame per value."""
         self.id = conn_id
         """A number unique among the connections of this server."""
         self.server = server
@@ -64,8 +75,6 @@ class ServerConnection(Connection):
     def opening(self) -> bool:
         """Decide (for a block that does), run the endpoint's handler for this
         connection, join its clients and send the 101."""
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("%s: opened", self)
         response = None
         if self._key:
             response = self._decide()
@@ -127,7 +136,10 @@ class ServerConnection(Connection):
             self.refuse(error_response(500, "internal error"))
             return None
         self.subprotocol = subprotocol
-        return accept_response(self._key, subprotocol, decision.headers)
+        response = accept_response(self._key, subprotocol, decision.headers)
+        if self._extensions is not None:
+            response = add_header(response, "Sec-WebSocket-Extensions", self._extensions)
+        return response
 
     def _subprotocol(self, decision: Accept) -> Optional[str]:
         offered = self.request.subprotocols

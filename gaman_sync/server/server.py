@@ -24,6 +24,7 @@ from ..io import PlainTransport, Runtime, Transport
 from ..io.nonblocking import speedups_status
 from ..options import Options, check_port
 from ..protocol import Data, Protocol, Request, Side
+from ..protocol.deflate import server_answer
 from ..protocol.http import format_address
 from .acceptor import Acceptor
 from .blocks import BlockServer, Endpoint, Exclude, broadcast
@@ -185,7 +186,8 @@ class WebSocketServer:
     def broadcast(self, message: Data, exclude: Exclude = None) -> int:
         """Send ``message`` to the open clients of every block (see
         :meth:`BlockServer.broadcast`)."""
-        return broadcast(self.clients, message, exclude)
+        return broadcast(self.clients, message, exclude,
+                         any(view.compressing for view in self._routes.values()))
 
     def start(self) -> "WebSocketServer":
         """Listen and accept in a background thread; return once listening."""
@@ -392,11 +394,18 @@ class WebSocketServer:
             transport.close()
             return None
         options = self.options
+        # permessage-deflate, if the client offers it and it is on.
+        answer = None
+        if options.compression is not None:
+            offers = request.headers.get_all("sec-websocket-extensions")
+            answer = server_answer(offers, options.compression) if offers else None
         conn = ServerConnection(
             transport,
             Protocol(Side.SERVER, options.max_message_size, trailing_data,
-                     unmask_in_c=self._speedups),
-            self.runtime, options, next(self._ids), request, view, subprotocol, response, key)
+                     unmask_in_c=self._speedups,
+                     deflate=answer[1] if answer is not None else None),
+            self.runtime, options, next(self._ids), request, view, subprotocol, response, key,
+            extensions=answer[0] if answer is not None else None)
         self._connections[conn] = None
         return conn
 
