@@ -61,6 +61,8 @@ sends what it owes without blocking; a client runs
 from __future__ import annotations
 
 import functools
+import math
+import select
 import socket
 import ssl
 import threading
@@ -80,6 +82,7 @@ Buffer = Union[bytes, bytearray, memoryview]
 _CHUNK = 64 * 1024
 _RECORD = 16 * 1024  # the largest plaintext of a TLS record
 _WANT_READ = ssl.SSLWantReadError
+_HAS_POLL = hasattr(select, "poll")  # not on Windows
 
 
 class TLSTransport(Transport):
@@ -87,7 +90,7 @@ class TLSTransport(Transport):
     (see the module's docstring)."""
 
     __slots__ = ("sock", "ssl", "_in", "_out", "_lock", "_pending", "_owed", "_raw_recv",
-                 "_raw_send", "_close", "_fd", "handshake_done")
+                 "_raw_send", "_close", "_fd", "handshake_done", "_poller")
 
     def __init__(self, sock: socket.socket, context: ssl.SSLContext, server_side: bool,
                  server_hostname: Optional[str] = None) -> None:
@@ -113,6 +116,7 @@ class TLSTransport(Transport):
         self._close = nonblocking.close if native else nonblocking.close_plain
         self.handshake_done = False
         """True once the TLS handshake has completed."""
+        self._poller: Optional[Any] = None  # made by the first recv_for
 
     # -- The handshake, driven by the owner -------------------------------
 
@@ -368,11 +372,24 @@ class TLSTransport(Transport):
                 return data
 
     def recv_for(self, size: int, timeout: float) -> bytes:
+        # As PlainTransport does: wait with poll(), then read in blocking
+        # mode (a socket timeout would switch the descriptor's mode twice).
+        # A client's recv(timeout) comes here for every message.
         deadline = time.monotonic() + timeout
         with self._lock:
-            data = self._decrypt(size)
+            data = self._decrypt(size) if self._in.pending or self.ssl.pending() else None
         while data is None:
-            raw = self._recv_raw_until(size, deadline)  # socket.timeout at the deadline
+            poller = self._poller
+            if poller is None and _HAS_POLL:
+                poller = self._poller = select.poll()
+                poller.register(self._fd, select.POLLIN)
+            if poller is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not poller.poll(math.ceil(remaining * 1000)):
+                    raise socket.timeout("timed out")
+                raw = self._raw_recv(size)
+            else:
+                raw = self._recv_raw_until(size, deadline)  # socket.timeout at the deadline
             if not raw:
                 return b""
             with self._lock:
