@@ -95,7 +95,7 @@ class Connection:
     # Slots are laid out in this order: what every write touches comes first,
     # in one cache line, since a broadcast touches it on a thousand connections.
     __slots__ = ("_lock", "_proto", "_outgoing", "_outgoing_size", "_send_fn", "_send_arg",
-                 "options",
+                 "options", "messages_out", "bytes_out", "messages_in", "bytes_in",
                  "_finished", "_watched", "_room", "transport", "runtime", "thread", "_remote",
                  "handler", "_opened", "_aborted", "_abort_close", "_reading", "_close_timer",
                  "_ping_timer", "_unanswered_since", "_next_ping", "_started", "_dropped",
@@ -110,6 +110,19 @@ class Connection:
         self.transport = transport
         """What the connection reads and writes (see :mod:`gaman_sync.io.transport`)."""
         self._send_fn, self._send_arg = transport.send_target()  # every write calls it
+        # Traffic counters: plain ints bumped where the work is done anyway
+        # (the write path under the lock, the reader in its own thread), so
+        # they are exact without a lock of their own.
+        self.messages_in = 0
+        """Messages received (whole messages, delivered or not)."""
+        self.bytes_in = 0
+        """Bytes read after the opening handshake: every frame, headers and
+        control frames included."""
+        self.messages_out = 0
+        """Messages sent (each ``send``, and each broadcast that reached it)."""
+        self.bytes_out = 0
+        """Bytes written after the opening handshake, handed to the kernel or
+        queued for it: every frame, headers and control frames included."""
         self.runtime = runtime
         """The shared threads it uses (timers, writer)."""
         self.options = options
@@ -209,6 +222,7 @@ class Connection:
                 self._wait_for_room(size, self.options.send_timeout if timeout is None
                                     else timeout)
             self._write_frame(header, payload)
+            self.messages_out += 1
 
     def send_in_order(self, message: Data, timeout: Optional[float] = None) -> None:
         """:meth:`send` for a protocol whose frames must be encoded in wire
@@ -223,6 +237,7 @@ class Connection:
                                     else timeout)
             header, payload = self._proto.encode(message)
             self._write_frame(header, payload)
+            self.messages_out += 1
 
     def ping(self, data: Union[bytes, str] = b"") -> None:
         """Send a ping (at most 125 bytes); the pong reaches ``on_pong``."""
@@ -257,6 +272,7 @@ class Connection:
             if not self._proto.is_open or self._outgoing_size > self.options.write_limit:
                 return False
             self._write(frame)
+            self.messages_out += 1
             return True
 
     def abort(self, code: Optional[int] = None, reason: str = "", force: bool = False,
@@ -410,11 +426,15 @@ class Connection:
                 return
             if before is not None:
                 before()
+            # The preamble is the handshake's, and what was held was counted
+            # when it was written: neither counts here.
+            counted = self.bytes_out
             self._write(preamble)
             if held:
                 for chunk in held:
                     self._write(chunk)
                 self._notify_room()  # a send() may be waiting for the held bytes to go
+            self.bytes_out = counted
 
     def refuse(self, response: bytes) -> None:
         """Refuse the opening handshake (from :meth:`opening`): send the HTTP
@@ -445,6 +465,7 @@ class Connection:
         """Queue or send ``data``; the caller holds ``_lock``."""
         if not data:
             return
+        self.bytes_out += len(data)
         if self._outgoing is not None:
             self._outgoing.append(data)
             self._outgoing_size += len(data)
@@ -468,6 +489,7 @@ class Connection:
             self._write(header)
             self._write(payload)
             return
+        self.bytes_out += len(header) + len(payload)
         try:
             sent = self.transport.sendmsg_nowait((header, payload))
         except BlockingIOError:
@@ -669,6 +691,7 @@ class Connection:
                     event, pending = pending, None
                 kind = type(event)  # dispatch on the exact type: cheaper than isinstance
                 if kind is MessageReceived:
+                    self.messages_in += 1
                     if not proto.is_open:
                         self._dropped += 1  # our close started: see the module's docstring
                     elif on_message is not None:
@@ -705,14 +728,16 @@ class Connection:
             except OSError:
                 data = b""
             self._reading = False
-            if not data:
+            received = len(data)
+            if not received:
                 with lock:
                     proto.abandon()
                 return
-            if len(data) == size:
+            self.bytes_in += received
+            if received == size:
                 if size < _RECV_MAX:
                     size <<= 2
-            elif size > _RECV_MIN and len(data) < size >> 4:
+            elif size > _RECV_MIN and received < size >> 4:
                 size >>= 2
             with lock:
                 proto.receive_data(data)
@@ -772,6 +797,7 @@ class Connection:
                     break
                 kind = type(event)
                 if kind is MessageReceived:
+                    self.messages_in += 1
                     if proto.is_open:
                         return event.data, False
                     self._dropped += 1
@@ -802,6 +828,7 @@ class Connection:
             if not data:
                 loan.handed = _END
                 return None, True
+            self.bytes_in += len(data)
             if len(data) == size:
                 if size < _RECV_MAX:
                     loan.size = size << 2

@@ -9,7 +9,8 @@ connection, and each open connection has its own. Nothing else.
 from .blocks import BlockServer, Endpoint
 from .decisions import Accept, Redirect, Reject
 from .connection import ServerConnection
-from .server import WebSocketServer, serve
+from .server import WebSocketServer, serve, serve_until_signalled
+from .stats import ServerStats
 
 __all__ = ["Accept", "BlockServer", "Endpoint", "Redirect", "Reject", "ServerConnection",
-           "WebSocketServer", "serve"]
+           "ServerStats", "WebSocketServer", "serve", "serve_until_signalled"]

@@ -109,7 +109,8 @@ class Acceptor:
     def __init__(self, listener: Optional[socket.socket], options: Options, route: Route,
                  accepted: Accepted, capacity: Callable[[], int], plain: Optional[Plain] = None,
                  health_path: Optional[str] = None,
-                 ssl_context: Optional[ssl.SSLContext] = None) -> None:
+                 ssl_context: Optional[ssl.SSLContext] = None,
+                 rejected: Optional[Callable[[int], None]] = None) -> None:
         self._listener = listener
         self._ssl_context = ssl_context
         self._options = options
@@ -119,6 +120,7 @@ class Acceptor:
         self._health_path = health_path
         self._serves_http = plain is not None or health_path is not None
         self._capacity = capacity  # how many more connections may be opened now
+        self._rejected = rejected  # told the status of each refused handshake
         self._selector = selectors.DefaultSelector()
         self._waker = Waker(self._selector)
         self._handshakes: Dict[socket.socket, _Handshake] = {}
@@ -223,6 +225,8 @@ class Acceptor:
             logger.warning("refusing a connection from %s: max_connections (%s) reached",
                            format_address(address), options.max_connections)
             hs = _Handshake(sock, address, None, 0.0)
+            if self._rejected is not None:
+                self._rejected(503)
             self._refuse(hs, error_response(503, "too many connections, try again "
                                                  "later", [("Retry-After", "1")]))
             return
@@ -424,6 +428,8 @@ class Acceptor:
     def _reject(self, hs: _Handshake, exc: HandshakeError) -> None:
         logger.info("refused a handshake from %s with %s: %s", format_address(hs.address),
                     exc.status, exc.message)
+        if self._rejected is not None:
+            self._rejected(exc.status)
         self._refuse(hs, error_response(exc.status, exc.message, exc.headers))
 
     def _refuse(self, hs: _Handshake, response: bytes) -> None:

@@ -42,8 +42,8 @@ class ServerConnection(Connection):
     """A WebSocket connection accepted by a server: the ``ctx`` a block's
     handler is called with (GamanJS's ``WebSocketContext``)."""
 
-    __slots__ = ("id", "server", "request", "subprotocol", "_key", "_extensions",
-                 "deflate_window", "deflate_agreement")
+    __slots__ = ("id", "server", "request", "subprotocol", "handshake_status", "_key",
+                 "_extensions", "deflate_window", "deflate_agreement")
 
     def __init__(self, transport: Transport, protocol: Protocol, runtime: Runtime,
                  options: Options, conn_id: int, request: Request, server: "BlockServer",
@@ -71,6 +71,10 @@ class ServerConnection(Connection):
         self.subprotocol = subprotocol
         """The subprotocol selected in the handshake, or ``None``."""
         self._key = key if response is None else b""
+        self.handshake_status: Optional[int] = 101 if response is not None else None
+        """How the opening handshake was answered: 101 once accepted, else the
+        status of the refusal or redirect that ``on_request`` (or the block)
+        made; None while it decides, and for a plain HTTP request."""
 
     def opening(self) -> bool:
         """Decide (for a block that does), run the endpoint's handler for this
@@ -122,6 +126,7 @@ class ServerConnection(Connection):
                 decision = Accept()
             if isinstance(decision, Reject):
                 logger.info("%s: refused by on_request with %s", self, decision.status)
+                self.handshake_status = decision.status
                 self.refuse(error_response(decision.status, decision.body or "refused",
                                            decision.headers))
                 return None
@@ -133,12 +138,14 @@ class ServerConnection(Connection):
             # Nothing of the traceback goes on the wire.
             logger.error("%s: deciding on the request raised; refused with 500", self,
                          exc_info=exc)
+            self.handshake_status = 500
             self.refuse(error_response(500, "internal error"))
             return None
         self.subprotocol = subprotocol
         response = accept_response(self._key, subprotocol, decision.headers)
         if self._extensions is not None:
             response = add_header(response, "Sec-WebSocket-Extensions", self._extensions)
+        self.handshake_status = 101
         return response
 
     def _subprotocol(self, decision: Accept) -> Optional[str]:
@@ -162,6 +169,7 @@ class ServerConnection(Connection):
         base = f"ws://{request.host or 'localhost'}{request.target}"
         url = urljoin(base, decision.location)
         logger.info("%s: redirected with %s to %s", self, decision.status, url)
+        self.handshake_status = decision.status
         self.refuse(error_response(decision.status, f"moved to {url}",
                                    [("Location", decision.location)]))
         on_redirect = self.server.endpoint.on_redirect

@@ -11,13 +11,14 @@ from __future__ import annotations
 import atexit
 import itertools
 import logging
+import math
 import signal
 import socket
 import ssl
 import threading
 import time
 import weakref
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..connection import interrupted_connection_code
 from ..io import PlainTransport, Runtime, Transport
@@ -31,10 +32,13 @@ from .blocks import BlockServer, Endpoint, Exclude, broadcast
 from .connection import ServerConnection
 from .http import HttpExchange
 from .routing import Pattern, Router
+from .stats import ServerStats, Tally, access_fields
 
-__all__ = ["WebSocketServer", "serve"]
+__all__ = ["WebSocketServer", "serve", "serve_until_signalled", "ServerStats"]
 
 logger = logging.getLogger("gaman_sync")
+access_logger = logging.getLogger("gaman_sync.access")
+stats_logger = logging.getLogger("gaman_sync.stats")
 
 # Started servers that were not shut down: the exit hook shuts them down.
 _running: "weakref.WeakSet[WebSocketServer]" = weakref.WeakSet()
@@ -75,11 +79,19 @@ class WebSocketServer:
     connection's transport (see :mod:`gaman_sync.io.tls`). Client
     certificates are asked for and checked when the context says so
     (``verify_mode = ssl.CERT_REQUIRED`` and ``load_verify_locations``).
+
+    ``access_log=True`` logs one line per WebSocket connection when it ends,
+    at INFO on the ``gaman_sync.access`` logger: peer, path, close code,
+    duration, and messages and bytes each way. ``stats_interval=N`` logs
+    :meth:`stats` every N seconds (and once at shutdown) on the
+    ``gaman_sync.stats`` logger, from the timer thread. Both are off by default.
     """
 
     def __init__(self, blocks: Union[Endpoint, Sequence[Endpoint]], host: str = "127.0.0.1",
                  port: int = 8000, *, backlog: int = 1024, health_path: Optional[str] = None,
-                 ssl_context: Optional[ssl.SSLContext] = None, **options: Any) -> None:
+                 ssl_context: Optional[ssl.SSLContext] = None,
+                 access_log: bool = False, stats_interval: Optional[float] = None,
+                 **options: Any) -> None:
         if isinstance(blocks, Endpoint):
             blocks = [blocks]
         elif isinstance(blocks, (str, bytes)) or not hasattr(blocks, "__iter__"):
@@ -115,9 +127,24 @@ class WebSocketServer:
         """The path answered with ``200 OK`` for health checks, or None."""
         self.ssl_context = _check_ssl_context(ssl_context)
         """The TLS settings (``wss://``), or None (``ws://``)."""
+        if not isinstance(access_log, bool):
+            raise TypeError(f"access_log must be True or False, not {access_log!r}")
+        self.access_log = access_log
+        """Log a line per connection when it ends (``gaman_sync.access``)?"""
+        if stats_interval is not None and (
+                isinstance(stats_interval, bool) or not isinstance(stats_interval, (int, float))
+                or not 0 < stats_interval < math.inf):
+            raise ValueError(f"stats_interval must be a positive number of seconds, or None, "
+                             f"not {stats_interval!r}")
+        self.stats_interval = stats_interval
+        """Seconds between two stats lines (``gaman_sync.stats``), or None."""
+        self._tally = Tally()
+        self._stats_timer_started = False
         self.runtime = Runtime("gaman_sync")
         """The shared threads: timers, the writer, the connection threads."""
-        self._connections: Dict[ServerConnection, None] = {}
+        # Each connection, with the time it was accepted if the access log
+        # is on (else None: no float kept per connection for nothing).
+        self._connections: Dict[ServerConnection, Optional[float]] = {}
         self._ids = itertools.count(1)
         self._listener: Optional[socket.socket] = None
         self._address: Optional[Tuple[Any, ...]] = None
@@ -189,6 +216,27 @@ class WebSocketServer:
         return broadcast(self.clients, message, exclude,
                          any(view.compressing for view in self._routes.values()))
 
+    def stats(self) -> ServerStats:
+        """What the server has done since it was made, as a
+        :class:`~gaman_sync.server.stats.ServerStats` (a frozen dataclass;
+        ``as_dict()`` for a plain dict; ``str()`` for one log line):
+
+        - ``open``: WebSocket connections served now; ``accepted``: opening
+          handshakes answered with 101 in all;
+        - ``rejected``: refused handshakes by HTTP status (``{404: 2, 403: 1}``),
+          those of ``on_request`` and redirects included;
+        - ``messages_in``, ``bytes_in``, ``messages_out``, ``bytes_out``: over
+          every connection, closed and open; a broadcast counts one message per
+          client it reached; bytes are WebSocket frames after the handshake
+          (headers and control frames included);
+        - ``closes``: closed connections by close code (``{1000: 9, 1006: 1}``).
+
+        Plain HTTP requests (pages, ``health_path``) are not counted. Safe
+        from any thread; it costs a pass over the open connections."""
+        tally = self._tally
+        with tally.lock:
+            return tally.snapshot(list(self._connections))
+
     def start(self) -> "WebSocketServer":
         """Listen and accept in a background thread; return once listening."""
         with self._lock:
@@ -236,11 +284,13 @@ class WebSocketServer:
         serves_http = any(view.http is not None for view in self._routes.values())
         self._acceptor = Acceptor(listener, self.options, self._route, self._accepted,
                                   self._capacity, self._plain if serves_http else None,
-                                  self.health_path, self.ssl_context)
+                                  self.health_path, self.ssl_context,
+                                  rejected=self._tally.rejected)
         self._accept_thread = threading.Thread(target=self._acceptor.run,
                                                name="gaman_sync-accept", daemon=True)
         self._accept_thread.start()
         _running.add(self)
+        self._start_stats_timer()
         in_use, why_not = speedups_status()
         self._speedups = in_use
         return in_use, why_not
@@ -373,6 +423,7 @@ class WebSocketServer:
                 sock.close()
                 raise RuntimeError(refusal)
             _running.add(self)  # a program that exits shuts it down (1001)
+            self._start_stats_timer()
             self._speedups = speedups_status()[0]
             conn = self._connection(PlainTransport(sock), request, view, subprotocol,
                                     trailing_data, response, key)
@@ -406,7 +457,9 @@ class WebSocketServer:
                      deflate=answer[1] if answer is not None else None),
             self.runtime, options, next(self._ids), request, view, subprotocol, response, key,
             extensions=answer[0] if answer is not None else None)
-        self._connections[conn] = None
+        if trailing_data:
+            conn.bytes_in = len(trailing_data)  # frames that came with the request
+        self._connections[conn] = time.monotonic() if self.access_log else None
         return conn
 
     def _plain(self, transport: Transport, request: Request, view: BlockServer) -> None:
@@ -440,15 +493,40 @@ class WebSocketServer:
 
     def _forget(self, conn: ServerConnection) -> None:
         """A connection's thread is done with it."""
-        # Without the lock, as for a block's clients; only a shutdown waits
-        # for this, and it sets _closing before it looks.
+        # Without the server's lock, as for a block's clients; only a
+        # shutdown waits for this, and it sets _closing before it looks. The
+        # tally's short lock makes the move from open to closed one step for
+        # stats().
         conn.server.discard(conn)
-        self._connections.pop(conn, None)
+        with self._tally.lock:
+            started = self._connections.pop(conn, None)
+            code = self._tally.ended(conn)
+        if started is not None and code is not None:
+            try:
+                line, fields = access_fields(conn, code, time.monotonic() - started)
+                access_logger.info("%s", line, extra=fields)
+            except Exception:  # a log handler that fails must not end the thread's cleanup
+                logger.exception("%s: the access log failed", conn)
         if self._closing:
             with self._lock:
                 self._released.notify_all()
 
     # -- Internals -----------------------------------------------------
+
+    def _start_stats_timer(self) -> None:
+        """Log the stats every ``stats_interval`` from the timer thread (once
+        started; the caller holds the lock)."""
+        if self.stats_interval is not None and not self._stats_timer_started:
+            self._stats_timer_started = True
+            self.runtime.timers.call_later(self.stats_interval, self._log_stats)
+
+    def _log_stats(self) -> None:
+        """Timer: one stats line, and the next one scheduled."""
+        if self._closing:
+            return  # the shutdown logs the last one
+        stats_logger.info("stats: %s", self.stats())
+        assert self.stats_interval is not None
+        self.runtime.timers.call_later(self.stats_interval, self._log_stats)
 
     def _shutdown(self, timeout: float) -> None:
         # The waits end a little before the timeout, leaving time for the
@@ -493,6 +571,8 @@ class WebSocketServer:
         # them from being left behind.
         runtime.timers.stop(max(left(), 0.2))
         runtime.flusher.stop(max(left(), 0.2))
+        if self.stats_interval is not None:
+            stats_logger.info("stats at shutdown: %s", self.stats())
         logger.info("shut down")
 
     def _wait_released(self, deadline: float) -> bool:
@@ -547,8 +627,19 @@ def serve(blocks: Union[Endpoint, Sequence[Endpoint]], host: str = "127.0.0.1",
     option); a second Ctrl-C or SIGTERM during it ends the program at once,
     leaving the connections still open dropped.
     """
-    server = WebSocketServer(blocks, host=host, port=port, **options)
-    previous = {}
+    serve_until_signalled(WebSocketServer(blocks, host=host, port=port, **options))
+
+
+def serve_until_signalled(server: WebSocketServer,
+                          ready: Optional[Callable[[WebSocketServer], Any]] = None) -> None:
+    """:func:`serve` for a server already made: serve until Ctrl-C or
+    SIGTERM, then shut it down. The handlers are set (in the main thread
+    only) before the server starts, so that no signal finds the program
+    without them, and restored on return; ``ready(server)`` is called once it
+    listens. A second signal during the shutdown raises ``KeyboardInterrupt``.
+    An ``OSError`` of :meth:`~WebSocketServer.start` (a port in use) is
+    raised as it is."""
+    previous: Dict[signal.Signals, Any] = {}
 
     def on_signal(signum: int, frame: Any) -> None:
         if server.wait_for_shutdown_request(0):
@@ -562,6 +653,13 @@ def serve(blocks: Union[Endpoint, Sequence[Endpoint]], host: str = "127.0.0.1",
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, on_signal)
     try:
+        server.start()
+        try:
+            if ready is not None:
+                ready(server)
+        except BaseException:
+            server.shutdown()
+            raise
         server.serve_forever()
     finally:
         for sig, handler in previous.items():
