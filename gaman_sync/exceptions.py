@@ -14,7 +14,9 @@ The tree::
         ├── InvalidMessage          the response is not HTTP, or the server closed first
         ├── InvalidRedirect         a redirect loop, too many hops, or wss:// to ws://
         ├── InvalidCertificate      (also an ssl.SSLCertVerificationError) the
-        │                           server's TLS certificate does not verify
+        │                           server's TLS certificate does not verify;
+        │                           defined in gaman_sync.io.tls, which
+        │                           imports ssl (this module imports nothing)
         └── HandshakeTimeout        (also a TimeoutError) no 101 in ``open_timeout``
 
 Errors of the operating system (a refused connection, an unknown host) are
@@ -24,13 +26,11 @@ Wrong arguments raise ``TypeError`` or ``ValueError``.
 
 from __future__ import annotations
 
-import ssl
 from typing import Any, List, Optional
 
 __all__ = ["WebSocketError", "ConnectionClosed", "ConnectionClosedOK", "ConnectionClosedError",
            "SendTimeout", "InvalidHandshake", "InvalidURI", "InvalidStatus", "InvalidHeader",
-           "InvalidMessage", "InvalidRedirect", "HandshakeTimeout",
-           "InvalidCertificate"]
+           "InvalidMessage", "InvalidRedirect", "HandshakeTimeout"]
 
 _NORMAL = (1000, 1001, 1005)
 
@@ -135,27 +135,3 @@ class InvalidRedirect(InvalidHandshake):
 
 class HandshakeTimeout(InvalidHandshake, TimeoutError):
     """No complete answer to the opening handshake within ``open_timeout``."""
-
-
-class InvalidCertificate(InvalidHandshake, ssl.SSLCertVerificationError):
-    """The server's TLS certificate does not verify (untrusted, expired, for
-    another host): the message names the URL and the reason.
-
-    Also an ``ssl.SSLCertVerificationError`` (so an ``ssl.SSLError`` and an
-    ``OSError``), as other TLS clients raise: code that catches either works.
-    ``url``, ``verify_code`` and ``verify_message`` say what and why.
-    """
-
-    def __init__(self, url: str, error: ssl.SSLCertVerificationError) -> None:
-        self.url = url
-        why = getattr(error, "verify_message", None) or getattr(error, "reason", None) \
-            or str(error)
-        ssl.SSLCertVerificationError.__init__(
-            self, error.errno, f"the TLS certificate of {url} does not verify: {why}")
-        self.verify_code = getattr(error, "verify_code", None)
-        self.verify_message = getattr(error, "verify_message", None)
-        self.reason = getattr(error, "reason", None)
-        self.library = getattr(error, "library", None)
-
-    def __str__(self) -> str:
-        return str(self.args[1])

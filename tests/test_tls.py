@@ -112,7 +112,7 @@ def test_large_messages_to_a_slow_reader_arrive_whole_and_in_order(make_server,
     """The server writes far more than the kernel holds while the client does
     not read: the writes wait (bounded by write_limit), ciphertext held in the
     transport goes out as the client reads, every byte in order."""
-    chunks = [bytes([i]) * (400_000 + i) for i in range(64)]
+    chunks = [os.urandom(400_000 + i) for i in range(64)]  # random: compression saves nothing
     done = threading.Event()
     failed = []
 
@@ -130,8 +130,13 @@ def test_large_messages_to_a_slow_reader_arrive_whole_and_in_order(make_server,
 
     server = make_server(define_block("/big", websocket), ssl_context=server_context,
                          write_limit=256 * 1024)
+    # A small receive buffer: the kernel (up to 32 MiB of autotuned buffers
+    # on loopback) must not hold the whole stream.
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    sock.connect(("127.0.0.1", server.port))
     with connect(server.url("/big"), ssl_context=client_context, open_timeout=WAIT,
-                 max_message_size=1 << 20, max_queue=1) as conn:
+                 max_message_size=1 << 20, max_queue=1, sock=sock) as conn:
         time.sleep(0.3)  # let the server fill the kernel's buffers and its own
         assert not done.is_set()  # it is held by the client, not finished
         for chunk in chunks:

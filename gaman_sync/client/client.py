@@ -70,10 +70,10 @@ from typing import (Any, Callable, Deque, Iterable, Iterator, List, Mapping, Opt
 from urllib.parse import urljoin, urlsplit
 
 from ..connection import Connection, HandlerLike, WebSocketHandler, as_handler
-from ..exceptions import (ConnectionClosedOK, HandshakeTimeout, InvalidCertificate,
-                          InvalidRedirect, InvalidStatus, InvalidURI, closed_error)
+from ..exceptions import (ConnectionClosedOK, HandshakeTimeout, InvalidRedirect, InvalidStatus,
+                          InvalidURI, closed_error)
 from ..io import PlainTransport, Runtime
-from ..io.tls import TLSTransport
+from ..io.tls import InvalidCertificate, TLSTransport
 from ..options import SERVER_ONLY, Deflate, Options
 from ..protocol import ClientHandshake, Headers, Protocol, Request, Response, Side
 

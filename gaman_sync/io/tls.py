@@ -61,16 +61,19 @@ sends what it owes without blocking; a client runs
 from __future__ import annotations
 
 import functools
+import math
+import select
 import socket
 import ssl
 import threading
 import time
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
+from ..exceptions import InvalidHandshake
 from . import nonblocking
 from .transport import Transport
 
-__all__ = ["TLSTransport"]
+__all__ = ["TLSTransport", "InvalidCertificate"]
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -79,6 +82,7 @@ Buffer = Union[bytes, bytearray, memoryview]
 _CHUNK = 64 * 1024
 _RECORD = 16 * 1024  # the largest plaintext of a TLS record
 _WANT_READ = ssl.SSLWantReadError
+_HAS_POLL = hasattr(select, "poll")  # not on Windows
 
 
 class TLSTransport(Transport):
@@ -86,7 +90,7 @@ class TLSTransport(Transport):
     (see the module's docstring)."""
 
     __slots__ = ("sock", "ssl", "_in", "_out", "_lock", "_pending", "_owed", "_raw_recv",
-                 "_raw_send", "_close", "_fd", "handshake_done")
+                 "_raw_send", "_close", "_fd", "handshake_done", "_poller")
 
     def __init__(self, sock: socket.socket, context: ssl.SSLContext, server_side: bool,
                  server_hostname: Optional[str] = None) -> None:
@@ -112,6 +116,7 @@ class TLSTransport(Transport):
         self._close = nonblocking.close if native else nonblocking.close_plain
         self.handshake_done = False
         """True once the TLS handshake has completed."""
+        self._poller: Optional[Any] = None  # made by the first recv_for
 
     # -- The handshake, driven by the owner -------------------------------
 
@@ -367,11 +372,24 @@ class TLSTransport(Transport):
                 return data
 
     def recv_for(self, size: int, timeout: float) -> bytes:
+        # As PlainTransport does: wait with poll(), then read in blocking
+        # mode (a socket timeout would switch the descriptor's mode twice).
+        # A client's recv(timeout) comes here for every message.
         deadline = time.monotonic() + timeout
         with self._lock:
-            data = self._decrypt(size)
+            data = self._decrypt(size) if self._in.pending or self.ssl.pending() else None
         while data is None:
-            raw = self._recv_raw_until(size, deadline)  # socket.timeout at the deadline
+            poller = self._poller
+            if poller is None and _HAS_POLL:
+                poller = self._poller = select.poll()
+                poller.register(self._fd, select.POLLIN)
+            if poller is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not poller.poll(math.ceil(remaining * 1000)):
+                    raise socket.timeout("timed out")
+                raw = self._raw_recv(size)
+            else:
+                raw = self._recv_raw_until(size, deadline)  # socket.timeout at the deadline
             if not raw:
                 return b""
             with self._lock:
@@ -413,3 +431,27 @@ class TLSTransport(Transport):
 
     def __repr__(self) -> str:
         return f"<TLSTransport fd={self.sock.fileno()} {self.ssl.version() or 'handshaking'}>"
+
+
+class InvalidCertificate(InvalidHandshake, ssl.SSLCertVerificationError):
+    """The server's TLS certificate does not verify (untrusted, expired, for
+    another host): the message names the URL and the reason.
+
+    Also an ``ssl.SSLCertVerificationError`` (so an ``ssl.SSLError`` and an
+    ``OSError``), as other TLS clients raise: code that catches either works.
+    ``url``, ``verify_code`` and ``verify_message`` say what and why.
+    """
+
+    def __init__(self, url: str, error: ssl.SSLCertVerificationError) -> None:
+        self.url = url
+        why = getattr(error, "verify_message", None) or getattr(error, "reason", None) \
+            or str(error)
+        ssl.SSLCertVerificationError.__init__(
+            self, error.errno, f"the TLS certificate of {url} does not verify: {why}")
+        self.verify_code = getattr(error, "verify_code", None)
+        self.verify_message = getattr(error, "verify_message", None)
+        self.reason = getattr(error, "reason", None)
+        self.library = getattr(error, "library", None)
+
+    def __str__(self) -> str:
+        return str(self.args[1])
