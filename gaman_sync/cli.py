@@ -98,6 +98,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--health-path", metavar="PATH",
                         help="answer plain GET PATH with 200 'ok', for load balancers "
                              "(e.g. /health; default: off)")
+    parser.add_argument("--compression", choices=["deflate", "none"], default="deflate",
+                        help="permessage-deflate with clients that offer it "
+                             "(default %(default)s)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
@@ -115,6 +118,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"--health-path: expected a path starting with '/', "
                          f"not {args.health_path!r}")
         options["health_path"] = args.health_path
+    options["compression"] = None if args.compression == "none" else args.compression
     try:
         serve(blocks, host=args.host, port=args.port, **options)
     except OSError as exc:  # the port is taken, the address is not ours, ...
