@@ -225,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "'gaman_sync[redis]'; default: off)")
 
     conn = parser.add_argument_group("connections")
+    conn.add_argument("--compression", choices=["deflate", "none"], default="deflate",
+                      help="permessage-deflate with clients that offer it "
+                           "(default %(default)s)")
     conn.add_argument("--max-message-size", type=_bytes, metavar="BYTES",
                       default=defaults.max_message_size,
                       help=f"largest incoming message; larger closes with 1009 "
@@ -269,6 +272,7 @@ def _server_options(args: argparse.Namespace) -> Dict[str, Any]:
         "max_message_size", "max_connections", "ping_interval", "ping_timeout",
         "close_timeout", "shutdown_timeout")}
     options["health_path"] = args.health_path
+    options["compression"] = None if args.compression == "none" else args.compression
     options["access_log"] = args.access_log
     options["stats_interval"] = args.stats_interval
     return options

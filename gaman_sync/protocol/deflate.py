@@ -60,6 +60,7 @@ _PARAMS = ("server_no_context_takeover", "client_no_context_takeover",
            "server_max_window_bits", "client_max_window_bits")
 _BITS = {str(n): n for n in range(8, 16)}  # RFC 7692 7.1.2: "8" to "15", no leading zero
 _KEEP_FREE = 8  # idle compressors kept per pool
+_FIRST, _NEXT, _CONTROL = object(), object(), object()  # kinds of frame headers
 
 
 class NegotiationError(ValueError):
@@ -364,7 +365,7 @@ class Inflater(Extension):
 
     name = NAME
     __slots__ = ("_bits", "_no_context", "_max", "_max_wire", "_zlib", "_message",
-                 "_compressed", "_frame", "_control", "_size", "_wire")
+                 "_compressed", "_frame", "_control", "_size", "_wire", "_pending")
 
     def __init__(self, bits: int, no_context: bool, max_size: Optional[int]) -> None:
         # A larger window inflates anything a smaller one made; zlib makes
@@ -382,6 +383,7 @@ class Inflater(Extension):
         self._compressed = False   # that message is compressed
         self._frame = False        # the frame being received is a compressed data frame
         self._control = False      # the frame being received is a control frame
+        self._pending: Optional[Tuple[object, bool, int]] = None  # a header, parsed
         self._size = 0             # bytes inflated so far in the message
         self._wire = 0             # compressed bytes announced so far in the message
 
@@ -389,6 +391,9 @@ class Inflater(Extension):
     def compressing(self) -> bool:
         """Is the message being received compressed? (Its frame headers then
         announce compressed bytes, not the message's size.)"""
+        pending = self._pending
+        if pending is not None and pending[0] is _FIRST:
+            return pending[1]
         return self._message and self._compressed
 
     def enabled(self) -> bool:
@@ -399,35 +404,54 @@ class Inflater(Extension):
 
     def frame_inbound_header(self, proto: Decoding, opcode: Opcode, rsv: RsvBits,
                              payload_length: int) -> Union[CloseReason, RsvBits]:
-        self._control = opcode.iscontrol()
-        if self._control:
-            self._frame = False
+        # wsproto calls this again for the same header when the rest of it
+        # (the masking key) had not arrived: nothing is decided here but
+        # what may be refused at once; the frame starts at its first payload.
+        if opcode.iscontrol():
+            self._pending = (_CONTROL, False, 0)
             return RsvBits(False, False, False)  # RSV1 on a control frame: 1002
         if opcode is Opcode.CONTINUATION:
             if rsv.rsv1:
                 raise ParseFailed("RSV1 set on a continuation frame", CloseReason.PROTOCOL_ERROR)
-            self._frame = self._compressed
-        else:
-            if self._message:
-                raise ParseFailed(f"expected a continuation frame, got {opcode.name}",
-                                  CloseReason.PROTOCOL_ERROR)
+            self._pending = (_NEXT, False, payload_length)
+            return RsvBits(False, False, False)
+        if self._message:
+            raise ParseFailed(f"expected a continuation frame, got {opcode.name}",
+                              CloseReason.PROTOCOL_ERROR)
+        self._pending = (_FIRST, rsv.rsv1, payload_length)
+        return RsvBits(True, False, False)
+
+    def _begin(self) -> None:
+        """The frame whose header was parsed last starts (its first payload)."""
+        assert self._pending is not None
+        kind, rsv1, length = self._pending
+        self._pending = None
+        self._control = kind is _CONTROL
+        if self._control:
+            self._frame = False
+            return
+        if kind is _FIRST:
             self._message = True
-            self._compressed = self._frame = rsv.rsv1
+            self._compressed = rsv1
             self._size = self._wire = 0
+        self._frame = self._compressed
         if self._frame and self._max_wire is not None:
-            self._wire += payload_length
+            self._wire += length
             if self._wire > self._max_wire:
                 raise ParseFailed("message too big", CloseReason.MESSAGE_TOO_BIG)
-        return RsvBits(self._frame, False, False)
 
     def frame_inbound_payload_data(self, proto: Decoding, data: bytes
                                    ) -> Union[bytes, CloseReason]:
+        if self._pending is not None:
+            self._begin()
         if not self._frame or not data:
             return data
         return self._inflate(data)
 
     def frame_inbound_complete(self, proto: Decoding, fin: bool
                                ) -> Union[bytes, CloseReason, None]:
+        if self._pending is not None:
+            self._begin()
         if self._control or not fin:
             return None  # a control frame never ends the message around it
         self._message = False
