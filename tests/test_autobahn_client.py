@@ -27,8 +27,15 @@ import pytest
 
 import gaman_sync
 
-from .test_autobahn import (INFORMATIONAL, MAX_MESSAGE_SIZE, ROOT, case_key, describe, tail,
-                            wstest_or_skip)
+from .test_autobahn import (
+    INFORMATIONAL,
+    MAX_MESSAGE_SIZE,
+    ROOT,
+    case_key,
+    describe,
+    tail,
+    wstest_or_skip,
+)
 
 # Until gaman_sync has connect, websockets stands in (see open_client). Only
 # the missing name falls back: a gaman_sync that fails to import fails here
@@ -225,7 +232,7 @@ def test_fuzzingserver_all_cases_pass(tmp_path, monkeypatch):
     with log.open("wb") as out:
         # cwd: wstest writes a default spec into the current directory when it
         # cannot find the one it is given. -u 0: no web server for the reports.
-        process = subprocess.Popen(command + ["-m", "fuzzingserver", "-s", str(spec), "-u", "0"],
+        process = subprocess.Popen([*command, "-m", "fuzzingserver", "-s", str(spec), "-u", "0"],
                                    cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                    stderr=subprocess.STDOUT)
         try:

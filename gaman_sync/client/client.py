@@ -40,13 +40,30 @@ import threading
 import time
 from collections import deque
 from dataclasses import fields
-from typing import (Any, Callable, Deque, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple,
-                    Union)
+from typing import (
+    Any,
+    Callable,
+    Deque,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 from urllib.parse import urljoin, urlsplit
 
 from ..connection import Connection, HandlerLike, WebSocketHandler, as_handler
-from ..exceptions import (ConnectionClosedOK, HandshakeTimeout, InvalidRedirect, InvalidStatus,
-                          InvalidURI, closed_error)
+from ..exceptions import (
+    ConnectionClosedOK,
+    HandshakeTimeout,
+    InvalidRedirect,
+    InvalidStatus,
+    InvalidURI,
+    closed_error,
+)
 from ..io import PlainTransport, Runtime
 from ..options import SERVER_ONLY, Options
 from ..protocol import ClientHandshake, Headers, Protocol, Request, Response, Side
@@ -249,7 +266,7 @@ class ClientConnection(Connection):
     def describe(self) -> str:
         return f"client connection to {self.url}"
 
-    def __enter__(self) -> "ClientConnection":
+    def __enter__(self) -> ClientConnection:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:

@@ -36,7 +36,7 @@ connection's lock held.
 from __future__ import annotations
 
 from enum import Enum
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 from ..exceptions import ConnectionClosed
 from ._wsproto import Decoder, Opcode, ParseFailed
@@ -90,14 +90,16 @@ class Protocol:
         """:attr:`Side.SERVER` or :attr:`Side.CLIENT`."""
         client = side is Side.CLIENT
         self._decoder = Decoder(client, unmask_in_c)
-        self._frames: Optional[Iterator] = None  # wsproto's frame generator, while it yields
+        # wsproto's frame generator, while it yields (of Any: a frame's payload
+        # type follows its opcode, which wsproto's annotations cannot say).
+        self._frames: Optional[Iterator[Any]] = None
         # RFC 6455 5.3: a client masks every frame it sends, each with its own key.
         self.encode: Callable[[Data], Tuple[bytes, bytes]] = (
             _encode_masked if client else encode_frame)
         """A data frame for a message as this side sends it: (header, payload)."""
         self.state = _OPEN
         """:attr:`State.OPEN`, ``CLOSING`` or ``CLOSED``."""
-        self._parts: list = []
+        self._parts: List[Any] = []  # str or bytes parts of one message
         self._size = 0
         self._max = max_message_size
         self.close_code: Optional[int] = None

@@ -7,8 +7,8 @@ connection, and each open connection has its own. Nothing else.
 """
 
 from .blocks import BlockServer, Endpoint
-from .decisions import Accept, Redirect, Reject
 from .connection import ServerConnection
+from .decisions import Accept, Redirect, Reject
 from .server import WebSocketServer, serve
 
 __all__ = ["Accept", "BlockServer", "Endpoint", "Redirect", "Reject", "ServerConnection",

@@ -45,8 +45,13 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 from ..io import nonblocking
 from ..io.waker import Waker
 from ..options import Options
-from ..protocol.handshake import (HandshakeError, RequestParser, accept_response,
-                                  error_response, to_request)
+from ..protocol.handshake import (
+    HandshakeError,
+    RequestParser,
+    accept_response,
+    error_response,
+    to_request,
+)
 from ..protocol.http import Request, format_address, header_tokens
 from .http import health_response, text_response
 
@@ -161,6 +166,7 @@ class Acceptor:
 
     def _accept(self, backoff: float) -> float:
         """Accept what is waiting; return the pause before the next try (0: none)."""
+        assert self._listener is not None  # called only when it is ready
         for _ in range(64):  # then let handshakes under way have a turn
             try:
                 sock, address = nonblocking.accept(self._listener)

@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 import weakref
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ..connection import interrupted_connection_code
 from ..io import PlainTransport, Runtime
@@ -35,7 +35,7 @@ __all__ = ["WebSocketServer", "serve"]
 logger = logging.getLogger("gaman_sync")
 
 # Started servers that were not shut down: the exit hook shuts them down.
-_running: "weakref.WeakSet[WebSocketServer]" = weakref.WeakSet()
+_running: weakref.WeakSet[WebSocketServer] = weakref.WeakSet()
 
 
 @atexit.register
@@ -96,10 +96,10 @@ class WebSocketServer:
         if not self._routes:
             raise ValueError("a server needs at least one block")
         self._router: Router[BlockServer] = Router(list(self._routes.items()))
-        if health_path is not None:
-            if not Pattern(health_path).is_exact:  # ValueError unless a path
-                raise ValueError(f"health_path must be a plain path, without parameters: "
-                                 f"{health_path!r}")
+        # Pattern(): a ValueError unless a path
+        if health_path is not None and not Pattern(health_path).is_exact:
+            raise ValueError(f"health_path must be a plain path, without parameters: "
+                             f"{health_path!r}")
         self.health_path = health_path
         """The path answered with ``200 OK`` for health checks, or None."""
         self.runtime = Runtime("gaman_sync")
@@ -140,7 +140,8 @@ class WebSocketServer:
     @property
     def port(self) -> int:
         """The port the server listens on: the one picked when 0 was asked."""
-        return self.address[1]
+        port: int = self.address[1]
+        return port
 
     @property
     def listening(self) -> bool:
@@ -174,7 +175,7 @@ class WebSocketServer:
         :meth:`BlockServer.broadcast`)."""
         return broadcast(self.clients, message, exclude)
 
-    def start(self) -> "WebSocketServer":
+    def start(self) -> WebSocketServer:
         """Listen and accept in a background thread; return once listening."""
         with self._lock:
             if self._closing or self._shutdown_started:
@@ -296,7 +297,7 @@ class WebSocketServer:
         finally:
             self._done.set()
 
-    def __enter__(self) -> "WebSocketServer":
+    def __enter__(self) -> WebSocketServer:
         return self.start()
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -308,7 +309,7 @@ class WebSocketServer:
 
     # -- What the acceptor calls ---------------------------------------------
 
-    def _route(self, request: Request) -> Optional[Tuple[BlockServer, Dict[str, str]]]:
+    def _route(self, request: Request) -> Optional[Tuple[BlockServer, Mapping[str, str]]]:
         """The block that serves ``request``'s path and the path's
         parameters, or None (404)."""
         return self._router.match(request.raw_path)
@@ -506,7 +507,7 @@ def serve(blocks: Union[Endpoint, Sequence[Endpoint]], host: str = "127.0.0.1",
     leaving the connections still open dropped.
     """
     server = WebSocketServer(blocks, host=host, port=port, **options)
-    previous = {}
+    previous: Dict[signal.Signals, Any] = {}  # what signal.signal returned
 
     def on_signal(signum: int, frame: Any) -> None:
         if server.wait_for_shutdown_request(0):
