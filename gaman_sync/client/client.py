@@ -65,13 +65,30 @@ import threading
 import time
 from collections import deque
 from dataclasses import fields
-from typing import (Any, Callable, Deque, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple,
-                    Union)
+from typing import (
+    Any,
+    Callable,
+    Deque,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 from urllib.parse import urljoin, urlsplit
 
 from ..connection import Connection, HandlerLike, WebSocketHandler, as_handler
-from ..exceptions import (ConnectionClosedOK, HandshakeTimeout, InvalidRedirect, InvalidStatus,
-                          InvalidURI, closed_error)
+from ..exceptions import (
+    ConnectionClosedOK,
+    HandshakeTimeout,
+    InvalidRedirect,
+    InvalidStatus,
+    InvalidURI,
+    closed_error,
+)
 from ..io import PlainTransport, Runtime
 from ..io.tls import InvalidCertificate, TLSTransport
 from ..options import SERVER_ONLY, Deflate, Options
@@ -300,7 +317,7 @@ class ClientConnection(Connection):
     def describe(self) -> str:
         return f"client connection to {self.url}"
 
-    def __enter__(self) -> "ClientConnection":
+    def __enter__(self) -> ClientConnection:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:

@@ -27,7 +27,7 @@ from ..options import Options
 from ..protocol import Protocol, Request
 from ..protocol.handshake import accept_response, add_header, error_response
 from ..protocol.http import format_address
-from .decisions import Accept, Redirect, Reject
+from .decisions import Accept, Decision, Redirect, Reject
 from .routing import fill
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ class ServerConnection(Connection):
                  "_extensions", "deflate_window", "deflate_agreement")
 
     def __init__(self, transport: Transport, protocol: Protocol, runtime: Runtime,
-                 options: Options, conn_id: int, request: Request, server: "BlockServer",
+                 options: Options, conn_id: int, request: Request, server: BlockServer,
                  subprotocol: Optional[str], response: Optional[bytes],
                  key: bytes = b"", extensions: Optional[str] = None) -> None:
         # The extensions accepted (permessage-deflate) go in the 101.
@@ -127,7 +127,7 @@ class ServerConnection(Connection):
         redirected (its HTTP response is then on its way)."""
         endpoint = self.server.endpoint
         request = self.request
-        decision = None
+        decision: Decision = None
         try:
             if endpoint.redirect is not None:
                 location = fill(endpoint.redirect, request.params)
