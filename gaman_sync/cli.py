@@ -16,6 +16,7 @@ from typing import Any, Callable, List, Optional, Sequence
 from .app import Block
 from .options import check_port
 from .server import serve
+from .server.processes import WorkersFailed, check_workers
 from .version import __version__
 
 __all__ = ["main", "load_blocks"]
@@ -98,11 +99,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--health-path", metavar="PATH",
                         help="answer plain GET PATH with 200 'ok', for load balancers "
                              "(e.g. /health; default: off)")
+    parser.add_argument("--workers", type=_count, metavar="N",
+                        help="N server processes on the port, supervised by this one "
+                             "(Linux; default: one server in this process)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
+    if args.workers is not None:
+        try:
+            check_workers(args.workers)
+        except ValueError as exc:
+            parser.error(f"--workers: {exc}")
     logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s %(levelname)s %(name)s"
+                        + ("[%(process)d]" if args.workers else "") + ": %(message)s")
     try:
         blocks = load_blocks(args.app)
     except (ImportError, AttributeError, ValueError, TypeError) as exc:
@@ -116,7 +126,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          f"not {args.health_path!r}")
         options["health_path"] = args.health_path
     try:
-        serve(blocks, host=args.host, port=args.port, **options)
+        serve(blocks, host=args.host, port=args.port, workers=args.workers, **options)
+    except WorkersFailed as exc:
+        print(f"gaman-sync: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:  # the port is taken, the address is not ours, ...
         parser.error(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
     except KeyboardInterrupt as exc:  # a second Ctrl-C during the shutdown

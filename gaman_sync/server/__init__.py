@@ -9,7 +9,8 @@ connection, and each open connection has its own. Nothing else.
 from .blocks import BlockServer, Endpoint
 from .decisions import Accept, Redirect, Reject
 from .connection import ServerConnection
+from .processes import WorkersFailed
 from .server import WebSocketServer, serve
 
 __all__ = ["Accept", "BlockServer", "Endpoint", "Redirect", "Reject", "ServerConnection",
-           "WebSocketServer", "serve"]
+           "WebSocketServer", "WorkersFailed", "serve"]

@@ -28,6 +28,7 @@ from .acceptor import Acceptor
 from .blocks import BlockServer, Endpoint, Exclude, broadcast
 from .connection import ServerConnection
 from .http import HttpExchange
+from .processes import check_workers, reserve_port, run_workers
 from .routing import Pattern, Router
 
 __all__ = ["WebSocketServer", "serve"]
@@ -64,11 +65,15 @@ class WebSocketServer:
     path with ``200 OK`` (body ``ok``) from the accept thread, for load
     balancers; off by default. Blocks may serve plain HTTP too (``http=``,
     ``page=``, ``static=``: see :mod:`gaman_sync.server.http`).
+
+    ``reuse_port=True`` sets ``SO_REUSEPORT`` on the listening socket, so
+    that several servers (in several processes) can listen on one port, and
+    Linux spreads the connections over them: what ``serve(workers=N)`` does.
     """
 
     def __init__(self, blocks: Union[Endpoint, Sequence[Endpoint]], host: str = "127.0.0.1",
                  port: int = 8000, *, backlog: int = 1024, health_path: Optional[str] = None,
-                 **options: Any) -> None:
+                 reuse_port: bool = False, **options: Any) -> None:
         if isinstance(blocks, Endpoint):
             blocks = [blocks]
         elif isinstance(blocks, (str, bytes)) or not hasattr(blocks, "__iter__"):
@@ -85,6 +90,7 @@ class WebSocketServer:
         self.host = host
         self._requested_port = port
         self._backlog = backlog
+        self._reuse_port = bool(reuse_port)
         self._lock = threading.RLock()
         self._routes: Dict[str, BlockServer] = {}
         for block in blocks:
@@ -184,7 +190,8 @@ class WebSocketServer:
             if self._acceptor is not None:
                 raise RuntimeError("this server serves adopted sockets only: it was "
                                    "given one by adopt() before start()")
-            listener = _listen(self.host, self._requested_port, self._backlog)
+            listener = _listen(self.host, self._requested_port, self._backlog,
+                               self._reuse_port)
             self._address = listener.getsockname()
             listener.setblocking(False)
             in_use, why_not = self._start_accepting(listener)
@@ -489,22 +496,39 @@ def _peer_of(sock: socket.socket) -> Any:
         return "local"
 
 
-def _listen(host: str, port: int, backlog: int) -> socket.socket:
+def _listen(host: str, port: int, backlog: int, reuse_port: bool = False) -> socket.socket:
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                flags=socket.AI_PASSIVE)
     family = infos[0][0]
     address = infos[0][4]
-    return socket.create_server(address, family=family, backlog=backlog)
+    return socket.create_server(address, family=family, backlog=backlog,
+                                reuse_port=reuse_port)
 
 
 def serve(blocks: Union[Endpoint, Sequence[Endpoint]], host: str = "127.0.0.1",
-          port: int = 8000, **options: Any) -> None:
+          port: int = 8000, *, workers: Optional[int] = None, **options: Any) -> None:
     """Run a server until Ctrl-C or SIGTERM, then shut it down cleanly.
 
     The first signal starts the shutdown (within the ``shutdown_timeout``
     option); a second Ctrl-C or SIGTERM during it ends the program at once,
     leaving the connections still open dropped.
+
+    ``workers=N`` (Linux only) runs N server processes on the port instead of
+    a server in this one, and supervises them: see
+    :mod:`gaman_sync.server.processes`. Call it from the main thread, before
+    starting threads of your own: it forks.
     """
+    if workers is not None:
+        check_workers(workers)
+        reservation = reserve_port(host, port)
+        try:
+            server = WebSocketServer(blocks, host=host, port=reservation.getsockname()[1],
+                                     reuse_port=True, **options)
+        except BaseException:
+            reservation.close()
+            raise
+        run_workers(server, workers, reservation)
+        return
     server = WebSocketServer(blocks, host=host, port=port, **options)
     previous = {}
 
