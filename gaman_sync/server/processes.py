@@ -339,10 +339,10 @@ class _Supervisor:
             worker.error = data[len(_ERROR):].decode(errors="replace").strip()
 
     def _ended(self, worker: _Worker, status: int) -> None:
-        pid, ready = worker.pid, worker.ready
         if worker.status_fd is not None:  # what it wrote before it exited
             self._status(worker)
             self._close_status(worker)
+        pid, ready = worker.pid, worker.ready
         worker.pid = None
         worker.ready = False
         how = _describe(status)
