@@ -235,6 +235,25 @@ def test_a_killed_worker_is_started_again_and_serves():
         assert kept.ws.recv(timeout=WAIT) == "still here"
 
 
+def test_a_worker_that_keeps_crashing_waits_longer_each_time():
+    with cluster("--workers", "1") as running:
+        running.listening()
+        pid = running.open().pid
+        delays = []
+        for _ in range(3):
+            mark = len(running.lines)
+            os.kill(pid, signal.SIGKILL)
+            again = running.wait_line(rf"worker 1 \(pid {pid}\) killed by SIGKILL; "
+                                      r"starting it again in ([\d.]+) s", start=mark)
+            delays.append(float(again.group(1)))
+            pid = int(running.wait_line(r"worker 1 listening \(pid (\d+)\)",
+                                        start=mark).group(1))
+            running.seen.add(pid)
+        assert delays == [0.1, 0.2, 0.4]
+        client = running.open()
+        assert client.pid == pid
+
+
 def test_sigterm_closes_every_client_with_1001_and_the_parent_exits_0():
     with cluster("--workers", "2") as running:
         running.listening()
