@@ -176,11 +176,11 @@ function clientFrame(payloadBuf) {
   return Buffer.concat([Buffer.from([0x81, 0x80 | payloadBuf.length, 0, 0, 0, 0]), payloadBuf]);
 }
 
-function openLean(path, payloadSize, onMessage) {
+function openLean(path, payloadSize, onMessage, port = cfg.port) {
   if (cfg.proto === 'tcp') return openTcp(path, payloadSize, onMessage);
   const frameSize = payloadSize + 2;
   return new Promise((resolve, reject) => {
-    const sock = net.connect({ host: HOST, port: cfg.port });
+    const sock = net.connect({ host: HOST, port });
     sock.setNoDelay(true);
     let opened = false;
     let head = '';
@@ -203,7 +203,7 @@ function openLean(path, payloadSize, onMessage) {
     };
     sock.on('connect', () =>
       sock.write(
-        `GET ${path} HTTP/1.1\r\nHost: ${HOST}:${cfg.port}\r\nUpgrade: websocket\r\n` +
+        `GET ${path} HTTP/1.1\r\nHost: ${HOST}:${port}\r\nUpgrade: websocket\r\n` +
           `Connection: Upgrade\r\nSec-WebSocket-Key: ${KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n`,
       ),
     );
@@ -354,14 +354,19 @@ scenarios.handshake = () => ({
 
 // cfg.conns clients on /broadcast; the first also sends. It keeps at most
 // cfg.window broadcasts in flight (counted from the deliveries), so the
-// server's buffers stay small and never trip a slow-client limit.
+// server's buffers stay small and never trip a slow-client limit. With
+// cfg.ports (servers sharing a broker), the clients take each port in turn.
 scenarios.broadcast = () => {
   let conns = [];
   let onDelivery = () => {};
   let closed = 0;
+  let turn = 0;
+  const opener = cfg.ports
+    ? (path, size, onMessage) => openLean(path, size, onMessage, cfg.ports[turn++ % cfg.ports.length])
+    : openLean;
   return {
     async setup() {
-      const opened = await openMany(cfg.conns, '/broadcast', cfg.size, () => onDelivery(), 100, 0, openLean);
+      const opened = await openMany(cfg.conns, '/broadcast', cfg.size, () => onDelivery(), 100, 0, opener);
       conns = opened.conns;
       if (opened.failed) throw new Error(`${opened.failed} connections failed: ${opened.firstError}`);
       for (const c of conns) c.onclose = () => closed++;

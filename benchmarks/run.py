@@ -30,6 +30,7 @@ import queue
 import resource
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -37,7 +38,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SERVERS_PY = os.path.join(HERE, "servers.py")
@@ -58,7 +59,8 @@ PROBE_TIMEOUT = 5
 STAMPEDE_TIMEOUT = 5
 # The scenarios whose measured phase is all load: the ones where the load
 # generator's share of a core says whether it was the bottleneck.
-TIMED = ("echo-1", "echo-16", "echo-100", "echo-1mib", "handshakes", "broadcast")
+TIMED = ("echo-1", "echo-16", "echo-100", "echo-1mib", "handshakes", "broadcast",
+         "broadcast-room", "broadcast-redis")
 # How long the mass disconnect may take before the server counts as stuck.
 CLEANUP_LIMIT = 10
 
@@ -165,13 +167,14 @@ class BenchError(Exception):
 class Server:
     """A server under test in its own process; stderr goes to a log file."""
 
-    def __init__(self, spec: ServerSpec, log_dir: str) -> None:
+    def __init__(self, spec: ServerSpec, log_dir: str,
+                 env_extra: Optional[Dict[str, str]] = None) -> None:
         self.spec = spec
         self.log_path = os.path.join(log_dir, f"{spec.name}.log")
         log = open(self.log_path, "ab")
-        env = None
+        env = dict(os.environ, **env_extra) if env_extra else None
         if spec.pythonpath:
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            env = dict(env or os.environ, PYTHONPATH=os.pathsep.join(
                 p for p in (spec.pythonpath, os.environ.get("PYTHONPATH")) if p))
         self.proc = subprocess.Popen(
             [sys.executable, SERVERS_PY, spec.script or spec.name], stdin=subprocess.DEVNULL,
@@ -229,6 +232,55 @@ class Server:
         self.proc.wait()
         if self.proc.stdout:
             self.proc.stdout.close()
+
+
+class Cluster:
+    """Two server processes of one spec sharing a redis-server started here
+    (127.0.0.1, a free port, nothing saved): the broadcast-redis scenario.
+    Its CPU is the two servers' and Redis's."""
+
+    def __init__(self, spec: ServerSpec, log_dir: str) -> None:
+        if shutil.which("redis-server") is None:
+            raise BenchError("redis-server is not installed (apt-get install redis-server)")
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.redis = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--logfile", ""], stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        self.servers: List[Server] = []
+        try:
+            deadline = time.monotonic() + 10
+            while b"Ready to accept connections" not in _readline_with_timeout(
+                    self.redis.stdout, max(deadline - time.monotonic(), 0.1)):
+                if time.monotonic() > deadline or self.redis.poll() is not None:
+                    raise BenchError("redis-server did not start")
+            threading.Thread(target=self.redis.stdout.read, daemon=True).start()
+            url = f"redis://127.0.0.1:{port}/0"
+            for _ in range(2):
+                self.servers.append(Server(spec, log_dir, {"GAMAN_BENCH_REDIS": url}))
+        except BaseException:
+            self.stop()
+            raise
+        self.ports = [server.port for server in self.servers]
+        self.port = self.ports[0]
+
+    def alive(self) -> bool:
+        return all(server.alive() for server in self.servers) and self.redis.poll() is None
+
+    def cpu(self) -> float:
+        return sum(server.cpu() for server in self.servers) + self.redis_cpu()
+
+    def redis_cpu(self) -> float:
+        return cpu_seconds(self.redis.pid)
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+        if self.redis.poll() is None:
+            self.redis.kill()
+        self.redis.wait()
 
 
 class JsonLineProcess:
@@ -377,7 +429,9 @@ class Outcome:
 class Scenario:
     key: str
     metrics: Sequence[Metric]
-    run: Callable[["Context", Server], Outcome]
+    run: Callable[["Context", Any], Outcome]
+    cluster: bool = False  # two processes of the server and a Redis (gaman_sync only)
+    env: Optional[Dict[str, str]] = None  # for the server process (gaman_sync only)
 
 
 @dataclass
@@ -457,6 +511,19 @@ def run_handshakes(ctx: Context, server: Server) -> Outcome:
 def run_broadcast(ctx: Context, server: Server) -> Outcome:
     return _timed(ctx, server, {"mode": "broadcast", "conns": ctx.broadcast_conns,
                                 "size": 64, "window": 16})
+
+
+def run_broadcast_redis(ctx: Context, cluster: Cluster) -> Outcome:
+    """The broadcast scenario with the clients spread over two processes
+    that share a Redis: the sender's process delivers to its half at once,
+    the other gets each message through Redis."""
+    redis_before = cluster.redis_cpu()
+    out = _timed(ctx, cluster, {"mode": "broadcast", "conns": ctx.broadcast_conns,
+                                "size": 64, "window": 16, "ports": cluster.ports})
+    if out.wall:
+        out.notes.append(f"server CPU includes Redis's "
+                         f"{(cluster.redis_cpu() - redis_before) / out.wall:.2f} cores")
+    return out
 
 
 class Hold:
@@ -621,6 +688,12 @@ def scenarios(ctx: Context) -> List[Scenario]:
                                                "16 in parallel", "/s")], run_handshakes),
         Scenario("broadcast", [Metric("rate", f"broadcast 64 B to {bc:,} clients",
                                       "deliveries/s")], run_broadcast),
+        Scenario("broadcast-room", [Metric("rate", f"broadcast 64 B to a room of {bc:,}",
+                                           "deliveries/s")], run_broadcast,
+                 env={"GAMAN_BENCH_ROOM": "1"}),
+        Scenario("broadcast-redis", [Metric("rate", f"broadcast 64 B to {bc:,} clients, "
+                                            "2 processes through Redis", "deliveries/s")],
+                 run_broadcast_redis, cluster=True),
         Scenario("memory", [Metric("kib", f"memory per idle connection, {mem:,} open",
                                    "KiB", True)], run_memory),
         Scenario("idle", [
@@ -642,10 +715,15 @@ def scenarios(ctx: Context) -> List[Scenario]:
 def run_one(ctx: Context, spec: ServerSpec, scenario: Scenario, log_dir: str) -> Outcome:
     if scenario.key in spec.cannot:
         return Outcome(error="n/a: " + spec.cannot[scenario.key])
+    if scenario.cluster and spec.name != "gaman_sync":
+        return Outcome(error="n/a: gaman_sync's Redis broker only")
+    if scenario.env and spec.name != "gaman_sync":
+        return Outcome(error="n/a: gaman_sync only")
     ctx.proto = spec.proto
-    server = None
+    server: Any = None
     try:
-        server = Server(spec, log_dir)
+        server = (Cluster(spec, log_dir) if scenario.cluster
+                  else Server(spec, log_dir, scenario.env))
         outcome = scenario.run(ctx, server)
         if not server.alive():
             outcome.notes.append("the server process died")
@@ -919,8 +997,8 @@ def update_readme(report: str, command: str) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = bench_parser(__doc__, "--servers", [s.name for s in SERVER_SPECS])
     parser.add_argument("--scenarios", help="comma-separated, from: echo-1, echo-16, "
-                        "echo-100, echo-1mib, handshakes, broadcast, memory, idle, "
-                        "mass-disconnect")
+                        "echo-100, echo-1mib, handshakes, broadcast, broadcast-room, broadcast-redis (needs "
+                        "redis-server), memory, idle, mass-disconnect")
     parser.add_argument("--quick", action="store_true",
                         help="one short round, 5,000 idle connections, 2,000 dropped")
     parser.add_argument("--idle-conns", type=int, help="default 10000 (--quick 5000)")

@@ -21,6 +21,7 @@ and two worker processes on one port; ``run.py`` counts the CPU of all three.
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import socket
 import sys
@@ -64,18 +65,33 @@ def _gaman_sync_blocks() -> list:
     def broadcast(ctx):
         return {"on_message": ctx.server.broadcast}
 
+    def broadcast_room(ctx):
+        # GAMAN_BENCH_ROOM (run.py's broadcast-room): every client in one room.
+        ctx.join("all")
+        send = ctx.server.broadcast
+        return {"on_message": lambda message: send(message, room="all")}
+
+    if os.environ.get("GAMAN_BENCH_ROOM"):
+        broadcast = broadcast_room  # noqa: F811
+
     return [define_block("/echo", echo), define_block("/broadcast", broadcast)]
 
 
-# gaman_sync sets TCP_NODELAY itself and never compresses.
-GAMAN_SYNC_OPTIONS = dict(backlog=BACKLOG, max_message_size=MESSAGE_LIMIT,
-                          ping_interval=None, max_connections=20000)
+def _gaman_sync_options() -> dict:
+    # gaman_sync sets TCP_NODELAY itself and never compresses. With
+    # GAMAN_BENCH_REDIS (run.py's broadcast-redis), broadcasts go through Redis.
+    options = dict(backlog=BACKLOG, max_message_size=MESSAGE_LIMIT,
+                   ping_interval=None, max_connections=20000)
+    if os.environ.get("GAMAN_BENCH_REDIS"):
+        from gaman_sync import RedisBroker
+        options["broker"] = RedisBroker(os.environ["GAMAN_BENCH_REDIS"])
+    return options
 
 
 def run_gaman_sync() -> None:
     from gaman_sync import WebSocketServer
 
-    server = WebSocketServer(_gaman_sync_blocks(), host=HOST, port=0, **GAMAN_SYNC_OPTIONS)
+    server = WebSocketServer(_gaman_sync_blocks(), host=HOST, port=0, **_gaman_sync_options())
     server.start()
     ready(server.port)
     wait_forever()
@@ -97,7 +113,7 @@ def run_gaman_sync_workers(count: int) -> None:
     log = logging.getLogger("gaman_sync")
     log.setLevel(logging.INFO)
     log.addHandler(Ready())
-    serve(_gaman_sync_blocks(), host=HOST, port=0, workers=count, **GAMAN_SYNC_OPTIONS)
+    serve(_gaman_sync_blocks(), host=HOST, port=0, workers=count, **_gaman_sync_options())
 
 
 # -- websockets, threads -------------------------------------------------------

@@ -14,6 +14,7 @@ import sys
 from typing import Any, Callable, List, Optional, Sequence
 
 from .app import Block
+from .broker import BrokerUnavailable, RedisBroker
 from .options import check_port
 from .server import serve
 from .server.processes import WorkersFailed, check_workers
@@ -102,6 +103,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--workers", type=_count, metavar="N",
                         help="N server processes on the port, supervised by this one "
                              "(Linux; default: one server in this process)")
+    parser.add_argument("--redis", metavar="URL",
+                        help="share broadcasts with the other processes through Redis "
+                             "(e.g. redis://127.0.0.1:6379/0; needs pip install "
+                             "'gaman_sync[redis]')")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
@@ -125,11 +130,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"--health-path: expected a path starting with '/', "
                          f"not {args.health_path!r}")
         options["health_path"] = args.health_path
+    if args.redis is not None:
+        try:
+            options["broker"] = RedisBroker(args.redis)
+        except (ImportError, ValueError) as exc:
+            parser.error(f"--redis: {exc}")
     try:
         serve(blocks, host=args.host, port=args.port, workers=args.workers, **options)
     except WorkersFailed as exc:
         print(f"gaman-sync: {exc}", file=sys.stderr)
         return 1
+    except BrokerUnavailable as exc:
+        parser.error(f"--redis: {exc}")
     except OSError as exc:  # the port is taken, the address is not ours, ...
         parser.error(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
     except KeyboardInterrupt as exc:  # a second Ctrl-C during the shutdown

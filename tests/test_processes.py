@@ -28,6 +28,8 @@ from gaman_sync import ConnectionClosed, connect, define_block, serve
 from gaman_sync.client.client import ClientConnection
 
 from .conftest import WAIT
+from .test_redis import RedisServer
+from .test_redis import missing as redis_missing
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -311,6 +313,59 @@ def test_a_second_sigterm_kills_workers_that_are_still_shutting_down():
         assert running.proc.wait(WAIT) == 130
         assert "second SIGTERM" in running.text()
         sock.close()
+
+
+# -- Through Redis -------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[RedisServer]:
+    """A redis-server on 127.0.0.1 (tests/test_redis.py's); skipped without
+    one, failed instead under GAMAN_SYNC_REQUIRE_PEERS=1."""
+    reason = redis_missing()
+    if reason is not None:
+        if os.environ.get("GAMAN_SYNC_REQUIRE_PEERS") == "1":
+            pytest.fail(f"{reason} (GAMAN_SYNC_REQUIRE_PEERS=1 forbids skipping)",
+                        pytrace=False)
+        pytest.skip(reason)
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+def test_a_broadcast_through_redis_reaches_the_clients_of_every_worker():
+    with redis_server() as redis, cluster("--workers", "2", "--redis", redis.url) as running:
+        running.listening()
+        clients: List[Client] = []
+        while len({c.pid for c in clients}) < 2 or len(clients) < 6:
+            assert len(clients) < 40, f"40 connections reached only {running.seen}"
+            clients.append(running.open("/broadcast"))
+        first = clients[0]
+        other = next(c for c in clients if c.pid != first.pid)
+        first.ws.send("from the first worker")
+        assert [c.ws.recv(timeout=WAIT) for c in clients] == \
+            ["from the first worker"] * len(clients)
+        # Once each: what comes next is the other worker's message, binary
+        # as sent, not a second copy of the first.
+        other.ws.send(b"from the other\x00")
+        assert [c.ws.recv(timeout=WAIT) for c in clients] == \
+            [b"from the other\x00"] * len(clients)
+        assert "no broker" not in running.text()
+
+
+def test_workers_that_cannot_reach_redis_at_start_make_the_supervisor_give_up():
+    with redis_server() as redis:
+        url = redis.url
+    # The same port, Redis gone: nothing listens there.
+    with cluster("--workers", "2", "--redis", url) as running:
+        assert running.proc.wait(WAIT) == 1
+        running.reader.join(WAIT)
+        last = running.text().strip().splitlines()[-1]
+        assert "before it listened: BrokerUnavailable" in last, last
+        assert "Traceback" not in running.text()
 
 
 # -- Warnings and errors --------------------------------------------------------

@@ -18,7 +18,7 @@ sent in place of the 101; the connection then ends without a WebSocket frame.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, FrozenSet, Optional
 from urllib.parse import urljoin
 
 from ..connection import Connection
@@ -60,6 +60,25 @@ class ServerConnection(Connection):
         self.subprotocol = subprotocol
         """The subprotocol selected in the handshake, or ``None``."""
         self._key = key if response is None else b""
+
+    # -- Rooms (see gaman_sync.server.blocks) -----------------------------
+
+    def join(self, room: str) -> None:
+        """Join ``room`` of this block: ``ctx.server.broadcast(m, room=room)``
+        reaches it, in every process that shares a broker. From any thread;
+        joining twice is joining once. The connection leaves every room once
+        it has ended."""
+        self.server.join(self, room)
+
+    def leave(self, room: str) -> None:
+        """Leave ``room`` (nothing if not in it)."""
+        self.server.leave(self, room)
+
+    @property
+    def rooms(self) -> FrozenSet[str]:
+        """The rooms this connection is in (still set in ``on_close``; empty
+        once the connection has ended)."""
+        return self.server.rooms_of(self)
 
     def opening(self) -> bool:
         """Decide (for a block that does), run the endpoint's handler for this

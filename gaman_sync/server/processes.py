@@ -65,7 +65,11 @@ Theory of operation:
 
 Each worker has its own copy of everything the blocks hold: its own clients,
 its own module globals. Without a broker, a broadcast reaches the clients of
-the worker it runs in only.
+the worker it runs in only, and the parent warns about it at start when
+N > 1. With one (``broker=RedisBroker(url)``), each worker's server starts
+its own copy of the broker after the fork, as a server in a process of its
+own would: its own connections to Redis, its own threads, its own process
+number, so a broadcast reaches the clients of every worker once.
 """
 
 from __future__ import annotations
@@ -212,7 +216,8 @@ class _Supervisor:
                     len(self.workers), host, address[1], self.parent)
         if self.warn_broadcast and len(self.workers) > 1:
             logger.warning("%d workers and no broker: a broadcast reaches only the clients "
-                           "of the worker it runs in", len(self.workers))
+                           "of the worker it runs in (broker=RedisBroker(url), or --redis "
+                           "URL, reaches them all)", len(self.workers))
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)

@@ -3,7 +3,13 @@ and a shutdown that leaves nothing running.
 
 Threads: one accepts and runs every opening handshake (see
 :mod:`gaman_sync.acceptor`), one runs every timer, one drains slow peers'
-buffers, and each open connection has its own. Nothing else.
+buffers, and each open connection has its own. Nothing else, but a
+broker's own (two for :class:`~gaman_sync.broker.RedisBroker`).
+
+A broker (``broker=``) carries each block's broadcasts to the other
+processes of the application: it starts with the server (before it listens,
+so that connection ids can be made unique across processes from the
+broker's process number) and stops at the end of its shutdown.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import time
 import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+from ..broker import Broker, LocalBroker
 from ..connection import interrupted_connection_code
 from ..io import PlainTransport, Runtime
 from ..io.nonblocking import speedups_status
@@ -34,6 +41,10 @@ from .routing import Pattern, Router
 __all__ = ["WebSocketServer", "serve"]
 
 logger = logging.getLogger("gaman_sync")
+
+ID_SPAN = 10**10
+"""With a broker, connection ids are ``node * ID_SPAN + n``: unique across
+processes, and ``n`` counts up to ten billion connections per process."""
 
 # Started servers that were not shut down: the exit hook shuts them down.
 _running: "weakref.WeakSet[WebSocketServer]" = weakref.WeakSet()
@@ -66,6 +77,11 @@ class WebSocketServer:
     balancers; off by default. Blocks may serve plain HTTP too (``http=``,
     ``page=``, ``static=``: see :mod:`gaman_sync.server.http`).
 
+    ``broker=RedisBroker(url)`` makes broadcasts reach the clients of every
+    process that shares it (see :mod:`gaman_sync.broker`); the default,
+    :class:`~gaman_sync.broker.LocalBroker`, reaches this process's only.
+    The server starts the broker and stops it at the end of its shutdown.
+
     ``reuse_port=True`` sets ``SO_REUSEPORT`` on the listening socket, so
     that several servers (in several processes) can listen on one port, and
     Linux spreads the connections over them: what ``serve(workers=N)`` does.
@@ -73,7 +89,8 @@ class WebSocketServer:
 
     def __init__(self, blocks: Union[Endpoint, Sequence[Endpoint]], host: str = "127.0.0.1",
                  port: int = 8000, *, backlog: int = 1024, health_path: Optional[str] = None,
-                 reuse_port: bool = False, **options: Any) -> None:
+                 broker: Optional[Broker] = None, reuse_port: bool = False,
+                 **options: Any) -> None:
         if isinstance(blocks, Endpoint):
             blocks = [blocks]
         elif isinstance(blocks, (str, bytes)) or not hasattr(blocks, "__iter__"):
@@ -108,6 +125,16 @@ class WebSocketServer:
                                  f"{health_path!r}")
         self.health_path = health_path
         """The path answered with ``200 OK`` for health checks, or None."""
+        if broker is None:
+            broker = LocalBroker()
+        elif not isinstance(broker, Broker):
+            raise TypeError(f"broker must be a Broker (RedisBroker(url), say) or None, "
+                            f"not {broker!r:.60}")
+        self.broker: Broker = broker
+        """What carries broadcasts to the other processes (a
+        :class:`~gaman_sync.broker.LocalBroker` by default: none)."""
+        self._broker_started = False
+        self._channels: Dict[str, BlockServer] = {}
         self.runtime = Runtime("gaman_sync")
         """The shared threads: timers, the writer, the connection threads."""
         self._connections: Dict[ServerConnection, None] = {}
@@ -160,7 +187,7 @@ class WebSocketServer:
         cleanly."""
         accept = self._accept_thread
         return [t for t in threading.enumerate() if t.is_alive()
-                and (t is accept or self.runtime.owns(t))]
+                and (t is accept or self.runtime.owns(t))] + self.broker.threads
 
     @property
     def listener_open(self) -> bool:
@@ -177,8 +204,12 @@ class WebSocketServer:
 
     def broadcast(self, message: Data, exclude: Exclude = None) -> int:
         """Send ``message`` to the open clients of every block (see
-        :meth:`BlockServer.broadcast`)."""
-        return broadcast(self.clients, message, exclude)
+        :meth:`BlockServer.broadcast`); with a broker, on every block's
+        channel to the other processes too."""
+        sent = broadcast(self.clients, message, exclude)
+        for view in self._routes.values():
+            view.publish(message, None, exclude)
+        return sent
 
     def start(self) -> "WebSocketServer":
         """Listen and accept in a background thread; return once listening."""
@@ -190,8 +221,13 @@ class WebSocketServer:
             if self._acceptor is not None:
                 raise RuntimeError("this server serves adopted sockets only: it was "
                                    "given one by adopt() before start()")
-            listener = _listen(self.host, self._requested_port, self._backlog,
-                               self._reuse_port)
+            self._start_broker()
+            try:
+                listener = _listen(self.host, self._requested_port, self._backlog,
+                                   self._reuse_port)
+            except BaseException:
+                self._stop_broker(self.options.shutdown_timeout)
+                raise
             self._address = listener.getsockname()
             listener.setblocking(False)
             in_use, why_not = self._start_accepting(listener)
@@ -217,6 +253,7 @@ class WebSocketServer:
                 sock.close()
                 raise RuntimeError("the server was shut down; make a new one")
             if self._acceptor is None:
+                self._start_broker()
                 self._start_accepting(None)
             assert self._acceptor is not None
             self._acceptor.adopt(sock, remote_address if remote_address is not None
@@ -363,6 +400,11 @@ class WebSocketServer:
             if refusal is not None:
                 sock.close()
                 raise RuntimeError(refusal)
+            try:
+                self._start_broker()
+            except BaseException:
+                sock.close()
+                raise
             _running.add(self)  # a program that exits shuts it down (1001)
             self._speedups = speedups_status()[0]
             conn = self._connection(sock, request, view, subprotocol, trailing_data, response,
@@ -432,6 +474,38 @@ class WebSocketServer:
             with self._lock:
                 self._released.notify_all()
 
+    # -- The broker ------------------------------------------------------
+
+    def _start_broker(self) -> None:
+        """Start the broker once, before the first connection (the caller
+        holds the lock). Raises what its start raises
+        (:class:`~gaman_sync.broker.BrokerUnavailable`)."""
+        if self._broker_started:
+            return
+        broker = self.broker
+        if broker.remote:
+            self._channels = {broker.channel(path): view for path, view in self._routes.items()}
+            broker.start(list(self._channels), self._receive)
+            for channel, view in self._channels.items():
+                view.connect_broker(broker, channel)
+            if broker.node is not None:
+                # Ids unique across the processes that share the broker, still
+                # readable: process 3's connection 17 is 30000000017.
+                self._ids = itertools.count(broker.node * ID_SPAN + 1)
+        self._broker_started = True
+
+    def _receive(self, channel: str, payload: bytes) -> None:
+        """A broadcast from another process (in the broker's thread)."""
+        view = self._channels.get(channel)
+        if view is not None:
+            view.receive(payload)
+
+    def _stop_broker(self, timeout: float) -> None:
+        if self._broker_started:
+            for view in self._routes.values():
+                view.connect_broker(None, "")
+            self.broker.stop(timeout)
+
     # -- Internals -----------------------------------------------------
 
     def _shutdown(self, timeout: float) -> None:
@@ -477,6 +551,8 @@ class WebSocketServer:
         # them from being left behind.
         runtime.timers.stop(max(left(), 0.2))
         runtime.flusher.stop(max(left(), 0.2))
+        # Last: what the on_close callbacks broadcast still reaches the others.
+        self._stop_broker(max(left(), 1.0))
         logger.info("shut down")
 
     def _wait_released(self, deadline: float) -> bool:
@@ -509,6 +585,9 @@ def serve(blocks: Union[Endpoint, Sequence[Endpoint]], host: str = "127.0.0.1",
           port: int = 8000, *, workers: Optional[int] = None, **options: Any) -> None:
     """Run a server until Ctrl-C or SIGTERM, then shut it down cleanly.
 
+    ``options`` are those of :class:`WebSocketServer` (``broker=``,
+    ``health_path=``, ``backlog=`` and the :class:`~gaman_sync.Options`).
+
     The first signal starts the shutdown (within the ``shutdown_timeout``
     option); a second Ctrl-C or SIGTERM during it ends the program at once,
     leaving the connections still open dropped.
@@ -527,7 +606,7 @@ def serve(blocks: Union[Endpoint, Sequence[Endpoint]], host: str = "127.0.0.1",
         except BaseException:
             reservation.close()
             raise
-        run_workers(server, workers, reservation)
+        run_workers(server, workers, reservation, warn_broadcast=not server.broker.remote)
         return
     server = WebSocketServer(blocks, host=host, port=port, **options)
     previous = {}
