@@ -45,14 +45,12 @@ def _env() -> Dict[str, str]:
 
 
 class Cluster:
-    """``python -m gaman_sync APP --port 0 ARGS`` in a subprocess, its
-    stderr lines collected by a thread so that a test can wait for one."""
+    """A supervisor (the command ``argv``) in a subprocess, its stderr lines
+    collected by a thread so that a test can wait for one."""
 
-    def __init__(self, *args: str, app: str = "tests.process_app:blocks",
-                 cwd: Path = ROOT) -> None:
+    def __init__(self, argv: List[str], cwd: Path = ROOT) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gaman_sync", app, "--port", "0", *args],
-            cwd=cwd, env=_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            argv, cwd=cwd, env=_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, text=True)
         self.lines: List[str] = []
         self.cond = threading.Condition()
@@ -122,14 +120,24 @@ class Cluster:
         self.proc.stderr.close()
 
 
+def program(tmp_path: Path, source: str) -> Cluster:
+    """A Python program of ours (``source``) in a subprocess, in place of the
+    command line."""
+    path = tmp_path / "program.py"
+    path.write_text(textwrap.dedent(source))
+    return Cluster([sys.executable, str(path)], cwd=tmp_path)
+
+
 class Client:
     def __init__(self, ws: ClientConnection, pid: int) -> None:
         self.ws, self.pid = ws, pid
 
 
 @contextlib.contextmanager
-def cluster(*args: str, **kwargs: object) -> Iterator[Cluster]:
-    running = Cluster(*args, **kwargs)  # type: ignore[arg-type]
+def cluster(*args: str, app: str = "tests.process_app:blocks",
+            cwd: Path = ROOT) -> Iterator[Cluster]:
+    """``python -m gaman_sync APP --port 0 ARGS``, stopped at the end."""
+    running = Cluster([sys.executable, "-m", "gaman_sync", app, "--port", "0", *args], cwd)
     try:
         yield running
     finally:
@@ -379,6 +387,29 @@ def test_several_workers_without_a_broker_warn_that_broadcast_stays_local():
     with cluster("--workers", "1") as running:
         running.listening()
         assert "no broker" not in running.text()
+
+
+def test_serve_with_workers_in_a_program_that_started_a_thread_warns_and_serves(tmp_path):
+    running = program(tmp_path, """
+        import logging, threading, time
+        from gaman_sync import serve
+        from tests.process_app import blocks
+
+        logging.basicConfig(level=logging.INFO)
+        threading.Thread(target=time.sleep, args=(60,), name="busy-thread", daemon=True).start()
+        serve(blocks, port=0, workers=2)
+        print("serve returned", file=__import__("sys").stderr)
+    """)
+    try:
+        warning = running.wait_line(r"WARNING.*forks while 1 other thread\(s\) run \((.*?)\)")
+        assert warning.group(1) == "busy-thread"
+        running.listening()
+        assert len({running.open().pid for _ in range(40)}) == 2
+        running.proc.send_signal(signal.SIGTERM)
+        assert running.proc.wait(WAIT) == 0
+        running.wait_line("serve returned")
+    finally:
+        running.stop()
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "two", "1.5"])
