@@ -46,7 +46,8 @@ Theory of operation:
   down is started again, after a delay that doubles with each crash of that
   worker (0.1 s up to 10 s) and starts over once a worker has run for 10 s.
   A worker that ends before it listens has failed at start (it could not
-  bind, or code run at fork failed); after 3 such failures in a row, of any
+  bind, its broker could not reach Redis, code run at the fork failed);
+  after 3 such failures in a row, of any
   workers, the parent stops the others and raises :class:`WorkersFailed`
   instead of trying forever.
 
