@@ -88,9 +88,18 @@ class ServerSpec:
 
 _SMALL_ECHO_ONLY = {key: "small-message echo only" for key in (
     "echo-1mib", "handshakes", "broadcast", "memory", "idle", "mass-disconnect")}
+# Several processes: the scenarios that read one process's threads, memory
+# or descriptors do not apply, nor does broadcast (without a broker each
+# worker reaches its own clients only).
+_WORKERS_CANNOT = {key: "one process only" for key in ("memory", "idle", "mass-disconnect")}
+_WORKERS_CANNOT["broadcast"] = "no broker: a worker's broadcast reaches its own clients only"
 
 SERVER_SPECS = [
     ServerSpec("gaman_sync", "gaman_sync", "gaman_sync", tls=True),
+    # serve(workers=2): two processes on one port (SO_REUSEPORT); the
+    # server's CPU is the supervisor's and its workers' together.
+    ServerSpec("gaman_sync-workers2", "gaman_sync, 2 workers", "gaman_sync",
+               cannot=_WORKERS_CANNOT),
     ServerSpec("websockets-sync", "websockets sync", "websockets", tls=True),
     ServerSpec("websockets-asyncio", "websockets asyncio", "websockets", tls=True),
     ServerSpec("simple-websocket", "simple-websocket", "simple_websocket"),
@@ -126,6 +135,21 @@ def proc_status(pid: int) -> Dict[str, int]:
             if key in ("VmRSS", "Threads"):
                 out[key] = int(value.split()[0])
     return out
+
+
+def process_tree(pid: int) -> List[int]:
+    """``pid`` and its descendants (the children its main thread forked, as
+    a supervisor of worker processes does, and theirs)."""
+    pids, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        pids.append(current)
+        try:
+            with open(f"/proc/{current}/task/{current}/children") as f:
+                todo.extend(int(child) for child in f.read().split())
+        except OSError:
+            pass
+    return pids
 
 
 def fd_count(pid: int) -> int:
@@ -175,10 +199,25 @@ class Server:
         return self.proc.poll() is None
 
     def cpu(self) -> float:
-        return cpu_seconds(self.pid)
+        """The CPU time of the server's processes (one, or a supervisor and
+        its workers); a worker that ended takes its time with it."""
+        total = 0.0
+        for pid in process_tree(self.pid):
+            try:
+                total += cpu_seconds(pid)
+            except OSError:  # ended meanwhile
+                pass
+        return total
 
     def status(self) -> Dict[str, int]:
-        return proc_status(self.pid)
+        totals: Dict[str, int] = {}
+        for pid in process_tree(self.pid):
+            try:
+                for key, value in proc_status(pid).items():
+                    totals[key] = totals.get(key, 0) + value
+            except OSError:
+                pass
+        return totals
 
     def wait_quiet(self, settle: float = 0.3, limit: float = 10.0) -> None:
         """Wait until threads and CPU time stop changing for ``settle`` s."""
@@ -194,8 +233,10 @@ class Server:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
+        try:  # its process group, workers included (start_new_session)
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self.proc.wait()
         if self.proc.stdout:
             self.proc.stdout.close()
@@ -825,13 +866,15 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def render(results, specs: List[ServerSpec], scens: List[Scenario], header: str) -> str:
-    """The markdown report: the full table, then the ratios at a glance."""
+def render(results, specs: List[ServerSpec], scens: List[Scenario], header: str,
+           reference: str = REFERENCE) -> str:
+    """The markdown report: the full table, then the ratios at a glance,
+    each value over ``reference``'s in the same round."""
     names = [s.name for s in specs]
     label = {s.name: s.label for s in specs}
     rounds = max((len(runs) for runs in results.values()), default=0)
     spread = rounds > 1
-    ref_label = label.get(REFERENCE, REFERENCE)
+    ref_label = label.get(reference, reference)
     lines = [header, "",
              "| scenario | server | median | " + ("min–max | " if spread else "")
              + f"× {ref_label} | server CPU s | load-gen CPU s | notes |",
@@ -840,7 +883,7 @@ def render(results, specs: List[ServerSpec], scens: List[Scenario], header: str)
     for scen in scens:
         for m_index, metric in enumerate(scen.metrics):
             key, first = metric.key, m_index == 0
-            refs = results.get((scen.key, REFERENCE), [])
+            refs = results.get((scen.key, reference), [])
             unit = metric.unit + (", lower is better" if metric.lower_is_better else "")
             for i, name in enumerate(names):
                 runs = results.get((scen.key, name), [])
@@ -860,8 +903,8 @@ def render(results, specs: List[ServerSpec], scens: List[Scenario], header: str)
                     + f"{ratio_text} | {fmt_value(median_or_none([r.server_cpu for r in runs]))} | "
                     f"{fmt_value(median_or_none([r.gen_cpu for r in runs]))} | "
                     f"{'; '.join(notes)} |")
-    others = [n for n in names if n != REFERENCE]
-    if REFERENCE in names and others:
+    others = [n for n in names if n != reference]
+    if reference in names and others:
         lines += ["", f"Ratios to {ref_label} at a glance (medians of each round's ratio; "
                       "above 1 is more, not necessarily better: see the units):", "",
                   "| scenario | " + " | ".join(label[n] for n in others) + " |",
@@ -874,8 +917,8 @@ def render(results, specs: List[ServerSpec], scens: List[Scenario], header: str)
 
 
 def _notes(scen: Scenario, metric: Metric, first: bool, runs: Sequence[Outcome]) -> List[str]:
-    """What a row of the table needs said: failures, a saturated load
-    generator or a busy machine (on the scenario's first row), then the notes
+    """What a row of the table needs said: failures, the load generator's
+    share of a core (saturated or not) or a busy machine (on the scenario's first row), then the notes
     of the run nearest the median, since their numbers vary from round to
     round (every run's are in --json)."""
     notes: List[str] = []
@@ -888,6 +931,8 @@ def _notes(scen: Scenario, metric: Metric, first: bool, runs: Sequence[Outcome])
               if r.gen_cpu is not None and r.wall and scen.key in TIMED]
     if first and shares and max(shares) >= SATURATED:
         notes.append(f"load generator saturated ({max(shares):.0%} of a core)")
+    elif first and shares:
+        notes.append(f"load generator at {statistics.median(shares):.0%} of a core")
     busy = [r.background for r in runs if r.background is not None and r.background > BACKGROUND]
     if first and busy:
         notes.append(f"machine busy elsewhere in {len(busy)}/{n} runs "
@@ -921,7 +966,8 @@ def rerender(path: str) -> tuple:
     for run in sorted(saved["runs"], key=lambda r: r["round"]):
         fields = {k: v for k, v in run.items() if k not in ("scenario", "server", "round")}
         results.setdefault((run["scenario"], run["server"]), []).append(Outcome(**fields))
-    return render(results, specs, scens, saved["header"]), saved["command"]
+    return (render(results, specs, scens, saved["header"],
+                   saved.get("reference", REFERENCE)), saved["command"])
 
 
 def bench_parser(doc: str, option: str, names: Sequence[str]) -> argparse.ArgumentParser:
@@ -992,6 +1038,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="one short round, 5,000 idle connections, 2,000 dropped")
     parser.add_argument("--idle-conns", type=int, help="default 10000 (--quick 5000)")
     parser.add_argument("--mass-conns", type=int, help="default 5000 (--quick 2000)")
+    parser.add_argument("--reference", default=REFERENCE, metavar="SERVER",
+                        help="the server of the ratio column (default %(default)s; e.g. "
+                             "gaman_sync against gaman_sync-workers2)")
     parser.add_argument("--json", metavar="FILE", help="also write every run's numbers here")
     parser.add_argument("--baseline", metavar="DIR",
                         help="also run the gaman_sync of another checkout (e.g. a git "
@@ -1040,8 +1089,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 parser.error(f"{spec.name} is not installed: {missing}")
             print(f"skipping {spec.name}: {missing} (pip install -e .[bench])", file=sys.stderr)
             specs.remove(spec)
-    if REFERENCE not in {s.name for s in specs}:
-        print(f"{REFERENCE} is not in this run: no ratios", file=sys.stderr)
+    if args.reference not in {s.name for s in specs}:
+        print(f"{args.reference} is not in this run: no ratios", file=sys.stderr)
     scens = pick(parser, "scenarios", args.scenarios, scenarios(ctx), lambda s: s.key)
 
     cert_dir = None
@@ -1086,7 +1135,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{os.cpu_count()} × {cpu_model()}, Linux {platform.release()}, "
               + ", ".join(f"{k} {v}" for k, v in ver.items())
               + f"; {time.monotonic() - started:.0f} s in all")
-    report = render(results, specs, scens, header)
+    report = render(results, specs, scens, header, args.reference)
     print(report)
     tidy_logs(log_dir, "server stderr")
     if cert_dir is not None:
@@ -1094,6 +1143,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"header": header, "command": command, "versions": ver,
+                       "reference": args.reference,
                        "context": {k: v for k, v in vars(ctx).items()
                                    if k not in ("proto", "tls")},
                        "servers": [s.name for s in specs], "scenarios": [s.key for s in scens],

@@ -33,7 +33,8 @@ from .app import Block
 from .broker import BrokerUnavailable, RedisBroker
 from .client.__main__ import main as client_main
 from .options import MiB, Options, check_port
-from .server import WebSocketServer, serve_until_signalled
+from .server import WebSocketServer, serve, serve_until_signalled
+from .server.processes import WorkersFailed, check_workers
 from .version import __version__
 
 __all__ = ["main", "load_blocks", "build_parser", "served_urls"]
@@ -219,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: none asked)")
 
     scale = parser.add_argument_group("several processes")
+    scale.add_argument("--workers", type=_count, metavar="N",
+                       help="N server processes on the port, supervised by this one "
+                            "(Linux; default: one server in this process)")
     scale.add_argument("--redis", metavar="URL",
                        help="share broadcasts with the other processes through Redis "
                             "(e.g. redis://127.0.0.1:6379/0; needs pip install "
@@ -305,8 +309,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return client_main(args_list[1:], prog=f"{PROG} connect")
     parser = build_parser()
     args = parser.parse_args(args_list)
+    if args.workers is not None:
+        try:
+            check_workers(args.workers)
+        except ValueError as exc:
+            parser.error(f"--workers: {exc}")
+    # With workers, each line says which process wrote it.
     logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s %(levelname)s %(name)s"
+                        + ("[%(process)d]" if args.workers else "") + ": %(message)s")
 
     blocks: List[Block] = []
     for spec in args.blocks:
@@ -336,7 +347,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             logger.info("serving %s", url)
 
     try:
-        serve_until_signalled(server, ready)
+        if args.workers is not None:
+            # The server above checked the arguments; each worker makes its own.
+            serve(blocks, host=args.host, port=args.port, workers=args.workers,
+                  ssl_context=ssl_context, **broker_options, **_server_options(args))
+        else:
+            serve_until_signalled(server, ready)
+    except WorkersFailed as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
     except BrokerUnavailable as exc:
         parser.error(f"--redis: {exc}")
     except OSError as exc:  # the port is taken, the address is not ours, ...

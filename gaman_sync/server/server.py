@@ -38,6 +38,7 @@ from .acceptor import Acceptor
 from .blocks import BlockServer, Endpoint, Exclude, broadcast
 from .connection import ServerConnection
 from .http import HttpExchange
+from .processes import check_workers, reserve_port, run_workers
 from .routing import Pattern, Router
 from .stats import ServerStats, Tally, access_fields
 
@@ -46,6 +47,10 @@ __all__ = ["WebSocketServer", "serve", "serve_until_signalled", "ServerStats"]
 logger = logging.getLogger("gaman_sync")
 access_logger = logging.getLogger("gaman_sync.access")
 stats_logger = logging.getLogger("gaman_sync.stats")
+
+ID_SPAN = 10**10
+"""With a broker, connection ids are ``node * ID_SPAN + n``: unique across
+processes, and ``n`` counts up to ten billion connections per process."""
 
 ID_SPAN = 10**10
 """With a broker, connection ids are ``node * ID_SPAN + n``: unique across
@@ -101,13 +106,18 @@ class WebSocketServer:
     process that shares it (see :mod:`gaman_sync.broker`); the default,
     :class:`~gaman_sync.broker.LocalBroker`, reaches this process's only.
     The server starts the broker and stops it at the end of its shutdown.
+
+    ``reuse_port=True`` sets ``SO_REUSEPORT`` on the listening socket, so
+    that several servers (in several processes) can listen on one port, and
+    Linux spreads the connections over them: what ``serve(workers=N)`` does.
     """
 
     def __init__(self, blocks: Union[Endpoint, Sequence[Endpoint]], host: str = "127.0.0.1",
                  port: int = 8000, *, backlog: int = 1024, health_path: Optional[str] = None,
                  ssl_context: Optional[ssl.SSLContext] = None,
                  access_log: bool = False, stats_interval: Optional[float] = None,
-                 broker: Optional[Broker] = None, **options: Any) -> None:
+                 broker: Optional[Broker] = None, reuse_port: bool = False,
+                 **options: Any) -> None:
         if isinstance(blocks, Endpoint):
             blocks = [blocks]
         elif isinstance(blocks, (str, bytes)) or not hasattr(blocks, "__iter__"):
@@ -124,6 +134,7 @@ class WebSocketServer:
         self.host = host
         self._requested_port = port
         self._backlog = backlog
+        self._reuse_port = bool(reuse_port)
         self._lock = threading.RLock()
         self._routes: Dict[str, BlockServer] = {}
         for block in blocks:
@@ -279,7 +290,8 @@ class WebSocketServer:
                                    "given one by adopt() before start()")
             self._start_broker()
             try:
-                listener = _listen(self.host, self._requested_port, self._backlog)
+                listener = _listen(self.host, self._requested_port, self._backlog,
+                                   self._reuse_port)
             except BaseException:
                 self._stop_broker(self.options.shutdown_timeout)
                 raise
@@ -684,16 +696,17 @@ def _peer_of(sock: socket.socket) -> Any:
         return "local"
 
 
-def _listen(host: str, port: int, backlog: int) -> socket.socket:
+def _listen(host: str, port: int, backlog: int, reuse_port: bool = False) -> socket.socket:
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                flags=socket.AI_PASSIVE)
     family = infos[0][0]
     address = infos[0][4]
-    return socket.create_server(address, family=family, backlog=backlog)
+    return socket.create_server(address, family=family, backlog=backlog,
+                                reuse_port=reuse_port)
 
 
 def serve(blocks: Union[Endpoint, Sequence[Endpoint]], host: str = "127.0.0.1",
-          port: int = 8000, **options: Any) -> None:
+          port: int = 8000, *, workers: Optional[int] = None, **options: Any) -> None:
     """Run a server until Ctrl-C or SIGTERM, then shut it down cleanly.
 
     Keyword arguments are :class:`WebSocketServer`'s (``ssl_context`` for
@@ -703,7 +716,23 @@ def serve(blocks: Union[Endpoint, Sequence[Endpoint]], host: str = "127.0.0.1",
     The first signal starts the shutdown (within the ``shutdown_timeout``
     option); a second Ctrl-C or SIGTERM during it ends the program at once,
     leaving the connections still open dropped.
+
+    ``workers=N`` (Linux only) runs N server processes on the port instead of
+    a server in this one, and supervises them: see
+    :mod:`gaman_sync.server.processes`. Call it from the main thread, before
+    starting threads of your own: it forks.
     """
+    if workers is not None:
+        check_workers(workers)
+        reservation = reserve_port(host, port)
+        try:
+            server = WebSocketServer(blocks, host=host, port=reservation.getsockname()[1],
+                                     reuse_port=True, **options)
+        except BaseException:
+            reservation.close()
+            raise
+        run_workers(server, workers, reservation, warn_broadcast=not server.broker.remote)
+        return
     serve_until_signalled(WebSocketServer(blocks, host=host, port=port, **options))
 
 
