@@ -12,12 +12,24 @@
 // Every phase stops by itself: the measured ones after cfg.duration, every
 // connection attempt after cfg.connectTimeout seconds (20 by default), the
 // whole process after cfg.lifetime seconds.
+//
+// With cfg.tls ({"ca": "PATH"}) every connection speaks TLS (wss://), the
+// server's certificate checked against that CA: ws's client and the lean
+// one both go through Node's tls module.
 
+const fs = require('fs');
 const net = require('net');
+const tls = require('tls');
 const readline = require('readline');
 const WebSocket = require('ws');
 
 const cfg = JSON.parse(process.argv[2]);
+const TLS_CA = cfg.tls ? fs.readFileSync(cfg.tls.ca) : null;
+// A TCP or a TLS connection; `ready` is the event after which to speak.
+function connectSocket(port = cfg.port) {
+  if (TLS_CA) return [tls.connect({ host: HOST, port, ca: TLS_CA }), 'secureConnect'];
+  return [net.connect({ host: HOST, port }), 'connect'];
+}
 const HOST = '127.0.0.1';
 const CONNECT_TIMEOUT = (cfg.connectTimeout || 20) * 1000;
 const REPLY_TIMEOUT = 10000;
@@ -69,7 +81,8 @@ function open(path, msgSize, onMessage) {
 
 function openWs(path, onMessage) {
   return new Promise((resolve, reject) => {
-    const ws = new WebSocket(`ws://${HOST}:${cfg.port}${path}`, {
+    const ws = new WebSocket(`${TLS_CA ? 'wss' : 'ws'}://${HOST}:${cfg.port}${path}`, {
+      ...(TLS_CA ? { ca: TLS_CA } : {}),
       perMessageDeflate: false,
       skipUTF8Validation: true,
       handshakeTimeout: CONNECT_TIMEOUT,
@@ -180,7 +193,7 @@ function openLean(path, payloadSize, onMessage, port = cfg.port) {
   if (cfg.proto === 'tcp') return openTcp(path, payloadSize, onMessage);
   const frameSize = payloadSize + 2;
   return new Promise((resolve, reject) => {
-    const sock = net.connect({ host: HOST, port });
+    const [sock, ready] = connectSocket(port);
     sock.setNoDelay(true);
     let opened = false;
     let head = '';
@@ -201,7 +214,7 @@ function openLean(path, payloadSize, onMessage, port = cfg.port) {
         });
       },
     };
-    sock.on('connect', () =>
+    sock.on(ready, () =>
       sock.write(
         `GET ${path} HTTP/1.1\r\nHost: ${HOST}:${port}\r\nUpgrade: websocket\r\n` +
           `Connection: Upgrade\r\nSec-WebSocket-Key: ${KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n`,

@@ -37,7 +37,7 @@ _EXPORTS = {
     "serve": "server", "Accept": "server", "Reject": "server", "Redirect": "server",
     "ClientConnection": "client", "connect": "client",
     "Connection": "connection", "ReadyState": "connection", "WebSocketHandler": "connection",
-    "Options": "options",
+    "Options": "options", "Deflate": "options",
     "CloseCode": "protocol", "Headers": "protocol", "Request": "protocol",
     "Response": "protocol",
     "WebSocketError": "exceptions", "ConnectionClosed": "exceptions",
@@ -45,7 +45,7 @@ _EXPORTS = {
     "SendTimeout": "exceptions", "InvalidHandshake": "exceptions", "InvalidURI": "exceptions",
     "InvalidStatus": "exceptions", "InvalidHeader": "exceptions",
     "InvalidMessage": "exceptions", "HandshakeTimeout": "exceptions",
-    "InvalidRedirect": "exceptions",
+    "InvalidRedirect": "exceptions", "InvalidCertificate": "io.tls",
     "WebSocketMiddleware": "wsgi",
     "Broker": "broker", "LocalBroker": "broker", "RedisBroker": "broker",
     "BrokerUnavailable": "broker",
@@ -78,10 +78,11 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .client import ClientConnection, connect
     from .connection import Connection, ReadyState, WebSocketHandler
     from .exceptions import (ConnectionClosed, ConnectionClosedError, ConnectionClosedOK,
-                             HandshakeTimeout, InvalidHandshake, InvalidHeader, InvalidMessage,
-                             InvalidRedirect, InvalidStatus, InvalidURI, SendTimeout,
-                             WebSocketError)
-    from .options import Options
+                             HandshakeTimeout, InvalidHandshake, InvalidHeader,
+                             InvalidMessage, InvalidRedirect, InvalidStatus, InvalidURI,
+                             SendTimeout, WebSocketError)
+    from .io.tls import InvalidCertificate
+    from .options import Deflate, Options
     from .protocol import CloseCode, Headers, Request, Response
     from .server import (Accept, BlockServer, Redirect, Reject, ServerConnection,
                          WebSocketServer, serve)

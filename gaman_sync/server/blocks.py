@@ -48,6 +48,7 @@ from typing import runtime_checkable
 from ..broker.envelope import pack, unpack
 from ..connection import ReadyState, WebSocketHandler
 from ..protocol import Data, HandshakeError, Request, encode_frame
+from ..protocol.deflate import broadcast_frame
 from ..protocol.handshake import check_upgrade
 from .connection import ServerConnection
 from .decisions import Decision
@@ -118,6 +119,9 @@ class BlockServer:
         # thousands of connections ending at once would queue on (each
         # holder waiting its turn for the GIL among them).
         self._clients: Dict[ServerConnection, None] = {}
+        # Those of them with permessage-deflate: while there is none, a
+        # broadcast is exactly the plain one.
+        self._deflated: Dict[ServerConnection, None] = {}
         # Rooms: room -> its members, and member -> its rooms (a frozenset,
         # replaced whole, so that ctx.rooms reads it without the lock).
         self._rooms: Dict[str, Dict[ServerConnection, None]] = {}
@@ -205,10 +209,11 @@ class BlockServer:
         the number of this process's clients the message was queued for.
         """
         if room is None:
-            sent = broadcast(list(self._clients), message, exclude)
+            sent = broadcast(list(self._clients), message, exclude, bool(self._deflated))
         else:
             members = self._rooms.get(room) if isinstance(room, str) else _bad_room(room)
-            sent = broadcast(list(members) if members else (), message, exclude)
+            sent = broadcast(list(members) if members else (), message, exclude,
+                             bool(self._deflated))
         if self._publish is not None:
             self._publish(pack(message, room, _excluded_ids(exclude)))
         return sent
@@ -238,9 +243,10 @@ class BlockServer:
         (:mod:`gaman_sync.broker.envelope`). Returns the number of clients."""
         message, room, skip = unpack(envelope)
         if room is None:
-            return broadcast(list(self._clients), message, skip)
+            return broadcast(list(self._clients), message, skip, bool(self._deflated))
         members = self._rooms.get(room)
-        return broadcast(list(members), message, skip) if members else 0
+        return (broadcast(list(members), message, skip, bool(self._deflated)) if members
+                else 0)
 
     # -- Rooms ------------------------------------------------------------------
 
@@ -310,6 +316,8 @@ class BlockServer:
     def add(self, conn: ServerConnection) -> None:
         """``conn`` joins the clients (its thread, once its handler returned),
         and the rooms it joined meanwhile."""
+        if conn.deflate_window is not None:
+            self._deflated[conn] = None
         self._clients[conn] = None
         if conn in self._memberships:
             with self._rooms_lock:
@@ -320,8 +328,14 @@ class BlockServer:
         """``conn`` is gone (the server, once its thread is done with it):
         it leaves the clients and its rooms."""
         self._clients.pop(conn, None)
+        self._deflated.pop(conn, None)
         if conn in self._memberships:
             self._leave_all(conn)
+
+    @property
+    def compressing(self) -> bool:
+        """Has any client of this block negotiated permessage-deflate?"""
+        return bool(self._deflated)
 
     def __repr__(self) -> str:
         return f"<BlockServer {self.path} with {len(self._clients)} clients>"
@@ -359,8 +373,16 @@ def _excluded_ids(exclude: Exclude) -> frozenset:
     return frozenset(ids)
 
 
-def broadcast(clients: Sequence[ServerConnection], message: Data, exclude: Exclude) -> int:
-    """Queue ``message``, encoded once, for each of ``clients`` not excluded."""
+def broadcast(clients: Sequence[ServerConnection], message: Data, exclude: Exclude,
+              deflated: bool = False) -> int:
+    """Queue ``message``, encoded once, for each of ``clients`` not excluded.
+
+    With ``deflated`` (some of them negotiated permessage-deflate), it is
+    encoded once per kind of frame they take: plain, and compressed with each
+    window in use (a server compresses every message on its own, so one
+    compressed frame fits every client with that window)."""
+    if deflated:
+        return _broadcast_deflated(clients, message, exclude)
     header, payload = encode_frame(message)
     frame = header + payload
     skip = _excluded_ids(exclude)
@@ -371,10 +393,39 @@ def broadcast(clients: Sequence[ServerConnection], message: Data, exclude: Exclu
         if conn.send_frame_nowait(frame):
             sent += 1
         elif conn.is_open:
-            # Over write_limit: a close frame would wait behind the backlog
-            # the peer is not reading, so TCP is dropped and 1008 reported.
-            logger.warning("%s: closed with 1008, its outgoing buffer is over write_limit "
-                           "(%s bytes): the client is not reading", conn,
-                           conn.options.write_limit)
-            conn.abort(1008, "outgoing buffer over write_limit")
+            _drop(conn)
     return sent
+
+
+def _broadcast_deflated(clients: Sequence[ServerConnection], message: Data,
+                        exclude: Exclude) -> int:
+    skip = _excluded_ids(exclude)
+    frames: Dict[Optional[int], bytes] = {}
+    sent = 0
+    for conn in clients:
+        if skip and conn.id in skip:
+            continue
+        window = conn.deflate_window
+        frame = frames.get(window)
+        if frame is None:
+            if window is None:
+                header, payload = encode_frame(message)
+                frame = header + payload
+            else:
+                agreement = conn.deflate_agreement
+                assert agreement is not None
+                frame = broadcast_frame(message, agreement)
+            frames[window] = frame
+        if conn.send_frame_nowait(frame):
+            sent += 1
+        elif conn.is_open:
+            _drop(conn)
+    return sent
+
+
+def _drop(conn: ServerConnection) -> None:
+    # Over write_limit: a close frame would wait behind the backlog the peer
+    # is not reading, so TCP is dropped and 1008 reported.
+    logger.warning("%s: closed with 1008, its outgoing buffer is over write_limit "
+                   "(%s bytes): the client is not reading", conn, conn.options.write_limit)
+    conn.abort(1008, "outgoing buffer over write_limit")
