@@ -91,7 +91,7 @@ def _gaman_sync_blocks() -> list:
         return {"on_message": lambda message: send(message, room="all")}
 
     if os.environ.get("GAMAN_BENCH_ROOM"):
-        broadcast = broadcast_room  # noqa: F811
+        broadcast = broadcast_room
 
     return [define_block("/echo", echo), define_block("/broadcast", broadcast)]
 

@@ -39,11 +39,21 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import (TYPE_CHECKING, Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence,
-                    Tuple, Union)
-
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    FrozenSet,
+    Iterable,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+    runtime_checkable,
+)
 from typing import Protocol as _Interface
-from typing import runtime_checkable
 
 from ..broker.envelope import pack, unpack
 from ..connection import ReadyState, WebSocketHandler
@@ -109,7 +119,7 @@ class BlockServer:
     ``port``).
     """
 
-    def __init__(self, root: "WebSocketServer", endpoint: Endpoint) -> None:
+    def __init__(self, root: WebSocketServer, endpoint: Endpoint) -> None:
         self.root = root
         """The :class:`~gaman_sync.WebSocketServer` that runs this block."""
         self.endpoint = endpoint
@@ -226,7 +236,7 @@ class BlockServer:
         if self._publish is not None:
             self._publish(pack(message, room, _excluded_ids(exclude)))
 
-    def connect_broker(self, broker: Optional["Broker"], channel: str) -> None:
+    def connect_broker(self, broker: Optional[Broker], channel: str) -> None:
         """Publish this block's broadcasts on ``channel`` of ``broker`` from
         now on (None: no more); the server calls it once its broker started."""
         if broker is None:
@@ -354,13 +364,13 @@ def _bad_room(room: Any) -> Any:
                     "clients, pass exclude=")
 
 
-def _excluded_ids(exclude: Exclude) -> frozenset:
+def _excluded_ids(exclude: Exclude) -> FrozenSet[int]:
     if exclude is None:
         return frozenset()
     items = (exclude,) if isinstance(exclude, (ServerConnection, int)) else exclude
     try:
         ids = []
-        for item in items:  # type: ignore[union-attr]
+        for item in items:
             if isinstance(item, ServerConnection):
                 ids.append(item.id)
             elif isinstance(item, int) and not isinstance(item, bool):
