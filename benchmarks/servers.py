@@ -62,7 +62,8 @@ def run_gaman_sync() -> None:
     def broadcast(ctx):
         return {"on_message": ctx.server.broadcast}
 
-    # gaman_sync sets TCP_NODELAY itself and never compresses.
+    # gaman_sync sets TCP_NODELAY itself. It compresses (permessage-deflate, its
+    # default) only for clients that offer it: those of the -deflate scenarios.
     server = WebSocketServer(
         [define_block("/echo", echo), define_block("/broadcast", broadcast)],
         host=HOST, port=0, backlog=BACKLOG, max_message_size=MESSAGE_LIMIT,

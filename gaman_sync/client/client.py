@@ -447,7 +447,11 @@ def connect(url: str, *, subprotocols: Sequence[str] = (),
     connection's thread calls them; without, use ``recv()`` or iterate.
     Other keyword arguments are the connection options of
     :class:`~gaman_sync.Options` (``max_message_size``, ``ping_interval``,
-    ``close_timeout``, ``write_limit``, ...).
+    ``close_timeout``, ``write_limit``, ...). ``compression="deflate"`` (the
+    default) offers permessage-deflate, ``None`` does not, and a
+    :class:`~gaman_sync.Deflate` sets its parameters; an answer from the
+    server that does not fit the offer raises
+    :class:`~gaman_sync.InvalidHeader`.
 
     Redirects (301, 302, 303, 307, 308 with a ``Location``) are followed, up
     to ``max_redirects`` hops, relative locations resolved against the URL

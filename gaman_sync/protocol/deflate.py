@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from wsproto.extensions import Extension
@@ -167,7 +168,17 @@ def _check_params(params: List[Param], answer: bool) -> Dict[str, Optional[str]]
 def server_answer(values: Sequence[str], options: Deflate) -> Optional[Tuple[str, Agreement]]:
     """The ``Sec-WebSocket-Extensions`` value that accepts the first
     permessage-deflate offer in ``values`` we can accept, and its agreement;
-    None if there is none (or the header does not parse): no compression."""
+    None if there is none (or the header does not parse): no compression.
+
+    Clients of one kind send the same offer: its answer is remembered, so
+    that their connections share one agreement and parse it once."""
+    if sum(len(value) for value in values) > 512:
+        return _server_answer(tuple(values), options)  # not worth remembering
+    return _remembered_answer(tuple(values), options)
+
+
+def _server_answer(values: Tuple[str, ...], options: Deflate
+                   ) -> Optional[Tuple[str, Agreement]]:
     try:
         offers = parse_extensions(values)
     except ValueError:
@@ -198,6 +209,9 @@ def server_answer(values: Sequence[str], options: Deflate) -> Optional[Tuple[str
                 answer.append(f"client_max_window_bits={client_bits}")
         return "; ".join(answer), Agreement(server_bits, client_bits, True, client_nct, options)
     return None
+
+
+_remembered_answer = lru_cache(maxsize=64)(_server_answer)
 
 
 # -- A client's offer and its check of the answer ------------------------------------
