@@ -148,7 +148,7 @@ class Options:
                 _check_size(f.name, value, optional=f.name == "max_message_size")
 
     @classmethod
-    def from_kwargs(cls, options: Dict[str, Any]) -> "Options":
+    def from_kwargs(cls, options: Dict[str, Any]) -> Options:
         """Build options from keyword arguments, naming any unknown one."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(options) - known)

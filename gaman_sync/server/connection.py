@@ -18,7 +18,7 @@ sent in place of the 101; the connection then ends without a WebSocket frame.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, FrozenSet, Optional
 from urllib.parse import urljoin
 
 from ..connection import Connection
@@ -27,7 +27,7 @@ from ..options import Options
 from ..protocol import Protocol, Request
 from ..protocol.handshake import accept_response, add_header, error_response
 from ..protocol.http import format_address
-from .decisions import Accept, Redirect, Reject
+from .decisions import Accept, Decision, Redirect, Reject
 from .routing import fill
 
 if TYPE_CHECKING:
@@ -42,11 +42,11 @@ class ServerConnection(Connection):
     """A WebSocket connection accepted by a server: the ``ctx`` a block's
     handler is called with (GamanJS's ``WebSocketContext``)."""
 
-    __slots__ = ("id", "server", "request", "subprotocol", "_key", "_extensions",
-                 "deflate_window", "deflate_agreement")
+    __slots__ = ("id", "server", "request", "subprotocol", "handshake_status", "_key",
+                 "_extensions", "deflate_window", "deflate_agreement")
 
     def __init__(self, transport: Transport, protocol: Protocol, runtime: Runtime,
-                 options: Options, conn_id: int, request: Request, server: "BlockServer",
+                 options: Options, conn_id: int, request: Request, server: BlockServer,
                  subprotocol: Optional[str], response: Optional[bytes],
                  key: bytes = b"", extensions: Optional[str] = None) -> None:
         # The extensions accepted (permessage-deflate) go in the 101.
@@ -71,12 +71,52 @@ class ServerConnection(Connection):
         self.subprotocol = subprotocol
         """The subprotocol selected in the handshake, or ``None``."""
         self._key = key if response is None else b""
+        self.handshake_status: Optional[int] = 101 if response is not None else None
+        """How the opening handshake was answered: 101 once accepted, else the
+        status of the refusal or redirect that ``on_request`` (or the block)
+        made; None while it decides, and for a plain HTTP request."""
+
+    # -- Rooms (see gaman_sync.server.blocks) -----------------------------
+
+    def join(self, room: str) -> None:
+        """Join ``room`` of this block: ``ctx.server.broadcast(m, room=room)``
+        reaches it, in every process that shares a broker. From any thread;
+        joining twice is joining once. The connection leaves every room once
+        it has ended."""
+        self.server.join(self, room)
+
+    def leave(self, room: str) -> None:
+        """Leave ``room`` (nothing if not in it)."""
+        self.server.leave(self, room)
+
+    @property
+    def rooms(self) -> FrozenSet[str]:
+        """The rooms this connection is in (still set in ``on_close``; empty
+        once the connection has ended)."""
+        return self.server.rooms_of(self)
+
+    # -- Rooms (see gaman_sync.server.blocks) -----------------------------
+
+    def join(self, room: str) -> None:
+        """Join ``room`` of this block: ``ctx.server.broadcast(m, room=room)``
+        reaches it, in every process that shares a broker. From any thread;
+        joining twice is joining once. The connection leaves every room once
+        it has ended."""
+        self.server.join(self, room)
+
+    def leave(self, room: str) -> None:
+        """Leave ``room`` (nothing if not in it)."""
+        self.server.leave(self, room)
+
+    @property
+    def rooms(self) -> FrozenSet[str]:
+        """The rooms this connection is in (still set in ``on_close``; empty
+        once the connection has ended)."""
+        return self.server.rooms_of(self)
 
     def opening(self) -> bool:
         """Decide (for a block that does), run the endpoint's handler for this
         connection, join its clients and send the 101."""
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("%s: opened", self)
         response = None
         if self._key:
             response = self._decide()
@@ -106,7 +146,7 @@ class ServerConnection(Connection):
         redirected (its HTTP response is then on its way)."""
         endpoint = self.server.endpoint
         request = self.request
-        decision = None
+        decision: Decision = None
         try:
             if endpoint.redirect is not None:
                 location = fill(endpoint.redirect, request.params)
@@ -124,6 +164,7 @@ class ServerConnection(Connection):
                 decision = Accept()
             if isinstance(decision, Reject):
                 logger.info("%s: refused by on_request with %s", self, decision.status)
+                self.handshake_status = decision.status
                 self.refuse(error_response(decision.status, decision.body or "refused",
                                            decision.headers))
                 return None
@@ -135,12 +176,14 @@ class ServerConnection(Connection):
             # Nothing of the traceback goes on the wire.
             logger.error("%s: deciding on the request raised; refused with 500", self,
                          exc_info=exc)
+            self.handshake_status = 500
             self.refuse(error_response(500, "internal error"))
             return None
         self.subprotocol = subprotocol
         response = accept_response(self._key, subprotocol, decision.headers)
         if self._extensions is not None:
             response = add_header(response, "Sec-WebSocket-Extensions", self._extensions)
+        self.handshake_status = 101
         return response
 
     def _subprotocol(self, decision: Accept) -> Optional[str]:
@@ -164,6 +207,7 @@ class ServerConnection(Connection):
         base = f"ws://{request.host or 'localhost'}{request.target}"
         url = urljoin(base, decision.location)
         logger.info("%s: redirected with %s to %s", self, decision.status, url)
+        self.handshake_status = decision.status
         self.refuse(error_response(decision.status, f"moved to {url}",
                                    [("Location", decision.location)]))
         on_redirect = self.server.endpoint.on_redirect
