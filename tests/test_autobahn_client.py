@@ -27,8 +27,17 @@ import pytest
 
 import gaman_sync
 
-from .test_autobahn import (CASES, DEFLATE_CASES, INFORMATIONAL, MAX_MESSAGE_SIZE, ROOT,
-                            case_key, describe, tail, wstest_or_skip)
+from .test_autobahn import (
+    CASES,
+    DEFLATE_CASES,
+    INFORMATIONAL,
+    MAX_MESSAGE_SIZE,
+    ROOT,
+    case_key,
+    describe,
+    tail,
+    wstest_or_skip,
+)
 
 # Until gaman_sync has connect, websockets stands in (see open_client). Only
 # the missing name falls back: a gaman_sync that fails to import fails here

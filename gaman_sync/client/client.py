@@ -617,7 +617,7 @@ def connect(url: str, *, subprotocols: Sequence[str] = (),
     while True:
         _, _, target, host_header, _ = _parse_url(url)
         handshake = ClientHandshake(host_header, target, offered, extra, origin,
-                                    compression=opts.compression)
+                                    compression=opts.deflate)
         try:
             transport, handshake = _handshake(url, handshake, sock, deadline, open_timeout,
                                               ssl_context)
@@ -629,7 +629,7 @@ def connect(url: str, *, subprotocols: Sequence[str] = (),
             url = next_hop(chain, location, max_redirects)
             sock = None  # a given socket served the first hop only
             if on_redirect is not None:
-                on_redirect(url, _next_request(url, offered, extra, origin, opts.compression))
+                on_redirect(url, _next_request(url, offered, extra, origin, opts.deflate))
     assert handshake.response is not None
     runtime = client_runtime()
     conn = ClientConnection(

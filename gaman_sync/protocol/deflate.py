@@ -46,8 +46,14 @@ from functools import lru_cache
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from wsproto.extensions import Extension
-from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol, Opcode, \
-    ParseFailed, RsvBits
+from wsproto.frame_protocol import (
+    CloseReason,
+    FrameDecoder,
+    FrameProtocol,
+    Opcode,
+    ParseFailed,
+    RsvBits,
+)
 
 from ..options import Deflate
 from .frames import Data, frame_bytes
@@ -277,7 +283,7 @@ class _Pool:
     __slots__ = ("_free", "_args")
 
     def __init__(self, bits: int, level: int, mem_level: int) -> None:
-        self._free: List["zlib._Compress"] = []
+        self._free: List[zlib._Compress] = []
         self._args = (level, zlib.DEFLATED, -bits, mem_level)
 
     def compress(self, data: bytes) -> bytes:
@@ -392,7 +398,7 @@ class Inflater(Extension):
         # holds as little as zlib's pending buffer: 2 KiB at memLevel 5 (what
         # websockets sends with: 0.24 % more), 128 bytes at memLevel 1 (4 %).
         self._max_wire = None if max_size is None else max_size + (max_size >> 4) + 1024
-        self._zlib: Optional["zlib._Decompress"] = None
+        self._zlib: Optional[zlib._Decompress] = None
         self._message = False      # inside a data message (its first frame seen)
         self._compressed = False   # that message is compressed
         self._frame = False        # the frame being received is a compressed data frame
