@@ -98,7 +98,7 @@ def _gaman_sync_blocks() -> list:
 
 def _gaman_sync_options() -> dict:
     # gaman_sync sets TCP_NODELAY itself, and compresses only when offered
-    # (the load generator never offers). With
+    # (the load generator offers only in the -deflate scenarios). With
     # GAMAN_BENCH_REDIS (run.py's broadcast-redis), broadcasts go through Redis.
     options = dict(backlog=BACKLOG, max_message_size=MESSAGE_LIMIT,
                    ping_interval=None, max_connections=20000)
