@@ -12,12 +12,24 @@
 // Every phase stops by itself: the measured ones after cfg.duration, every
 // connection attempt after cfg.connectTimeout seconds (20 by default), the
 // whole process after cfg.lifetime seconds.
+//
+// With cfg.tls ({"ca": "PATH"}) every connection speaks TLS (wss://), the
+// server's certificate checked against that CA: ws's client and the lean
+// one both go through Node's tls module.
 
+const fs = require('fs');
 const net = require('net');
+const tls = require('tls');
 const readline = require('readline');
 const WebSocket = require('ws');
 
 const cfg = JSON.parse(process.argv[2]);
+const TLS_CA = cfg.tls ? fs.readFileSync(cfg.tls.ca) : null;
+// A TCP or a TLS connection; `ready` is the event after which to speak.
+function connectSocket(port = cfg.port) {
+  if (TLS_CA) return [tls.connect({ host: HOST, port, ca: TLS_CA }), 'secureConnect'];
+  return [net.connect({ host: HOST, port }), 'connect'];
+}
 const HOST = '127.0.0.1';
 const CONNECT_TIMEOUT = (cfg.connectTimeout || 20) * 1000;
 const REPLY_TIMEOUT = 10000;
@@ -69,7 +81,8 @@ function open(path, msgSize, onMessage) {
 
 function openWs(path, onMessage) {
   return new Promise((resolve, reject) => {
-    const ws = new WebSocket(`ws://${HOST}:${cfg.port}${path}`, {
+    const ws = new WebSocket(`${TLS_CA ? 'wss' : 'ws'}://${HOST}:${cfg.port}${path}`, {
+      ...(TLS_CA ? { ca: TLS_CA } : {}),
       perMessageDeflate: false,
       skipUTF8Validation: true,
       handshakeTimeout: CONNECT_TIMEOUT,
@@ -176,11 +189,11 @@ function clientFrame(payloadBuf) {
   return Buffer.concat([Buffer.from([0x81, 0x80 | payloadBuf.length, 0, 0, 0, 0]), payloadBuf]);
 }
 
-function openLean(path, payloadSize, onMessage) {
+function openLean(path, payloadSize, onMessage, port = cfg.port) {
   if (cfg.proto === 'tcp') return openTcp(path, payloadSize, onMessage);
   const frameSize = payloadSize + 2;
   return new Promise((resolve, reject) => {
-    const sock = net.connect({ host: HOST, port: cfg.port });
+    const [sock, ready] = connectSocket(port);
     sock.setNoDelay(true);
     let opened = false;
     let head = '';
@@ -201,9 +214,9 @@ function openLean(path, payloadSize, onMessage) {
         });
       },
     };
-    sock.on('connect', () =>
+    sock.on(ready, () =>
       sock.write(
-        `GET ${path} HTTP/1.1\r\nHost: ${HOST}:${cfg.port}\r\nUpgrade: websocket\r\n` +
+        `GET ${path} HTTP/1.1\r\nHost: ${HOST}:${port}\r\nUpgrade: websocket\r\n` +
           `Connection: Upgrade\r\nSec-WebSocket-Key: ${KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n`,
       ),
     );
@@ -354,14 +367,19 @@ scenarios.handshake = () => ({
 
 // cfg.conns clients on /broadcast; the first also sends. It keeps at most
 // cfg.window broadcasts in flight (counted from the deliveries), so the
-// server's buffers stay small and never trip a slow-client limit.
+// server's buffers stay small and never trip a slow-client limit. With
+// cfg.ports (servers sharing a broker), the clients take each port in turn.
 scenarios.broadcast = () => {
   let conns = [];
   let onDelivery = () => {};
   let closed = 0;
+  let turn = 0;
+  const opener = cfg.ports
+    ? (path, size, onMessage) => openLean(path, size, onMessage, cfg.ports[turn++ % cfg.ports.length])
+    : openLean;
   return {
     async setup() {
-      const opened = await openMany(cfg.conns, '/broadcast', cfg.size, () => onDelivery(), 100, 0, openLean);
+      const opened = await openMany(cfg.conns, '/broadcast', cfg.size, () => onDelivery(), 100, 0, opener);
       conns = opened.conns;
       if (opened.failed) throw new Error(`${opened.failed} connections failed: ${opened.firstError}`);
       for (const c of conns) c.onclose = () => closed++;

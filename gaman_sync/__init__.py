@@ -13,6 +13,8 @@ Layers, each a folder, each importing only the ones below it:
 - :mod:`~gaman_sync.connection`: the engine they share (the connection's
   thread, write path, keepalive, closing, and the callbacks it dispatches);
 - :mod:`~gaman_sync.io`: transports and the shared threads;
+- :mod:`~gaman_sync.broker`: what carries broadcasts to the other processes
+  of an application (Redis pub/sub), beside ``io``;
 - :mod:`~gaman_sync.protocol`: sans-IO frames, handshakes and the state
   machine (wsproto and h11 underneath; no socket, no thread).
 
@@ -35,7 +37,7 @@ _EXPORTS = {
     "serve": "server", "Accept": "server", "Reject": "server", "Redirect": "server",
     "ClientConnection": "client", "connect": "client",
     "Connection": "connection", "ReadyState": "connection", "WebSocketHandler": "connection",
-    "Options": "options",
+    "Options": "options", "Deflate": "options",
     "CloseCode": "protocol", "Headers": "protocol", "Request": "protocol",
     "Response": "protocol",
     "WebSocketError": "exceptions", "ConnectionClosed": "exceptions",
@@ -43,8 +45,10 @@ _EXPORTS = {
     "SendTimeout": "exceptions", "InvalidHandshake": "exceptions", "InvalidURI": "exceptions",
     "InvalidStatus": "exceptions", "InvalidHeader": "exceptions",
     "InvalidMessage": "exceptions", "HandshakeTimeout": "exceptions",
-    "InvalidRedirect": "exceptions",
+    "InvalidRedirect": "exceptions", "InvalidCertificate": "io.tls",
     "WebSocketMiddleware": "wsgi",
+    "Broker": "broker", "LocalBroker": "broker", "RedisBroker": "broker",
+    "BrokerUnavailable": "broker",
 }
 # GamanJS's names for ours.
 _ALIASES = {"WebSocketContext": ("server", "ServerConnection")}
@@ -70,13 +74,15 @@ def __dir__() -> list:
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from .app import Block, define_block
+    from .broker import Broker, BrokerUnavailable, LocalBroker, RedisBroker
     from .client import ClientConnection, connect
     from .connection import Connection, ReadyState, WebSocketHandler
     from .exceptions import (ConnectionClosed, ConnectionClosedError, ConnectionClosedOK,
-                             HandshakeTimeout, InvalidHandshake, InvalidHeader, InvalidMessage,
-                             InvalidRedirect, InvalidStatus, InvalidURI, SendTimeout,
-                             WebSocketError)
-    from .options import Options
+                             HandshakeTimeout, InvalidHandshake, InvalidHeader,
+                             InvalidMessage, InvalidRedirect, InvalidStatus, InvalidURI,
+                             SendTimeout, WebSocketError)
+    from .io.tls import InvalidCertificate
+    from .options import Deflate, Options
     from .protocol import CloseCode, Headers, Request, Response
     from .server import (Accept, BlockServer, Redirect, Reject, ServerConnection,
                          WebSocketServer, serve)

@@ -25,13 +25,16 @@ import importlib
 import logging
 import math
 import os
+import ssl
 import sys
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence
 
 from .app import Block
+from .broker import BrokerUnavailable, RedisBroker
 from .client.__main__ import main as client_main
 from .options import MiB, Options, check_port
-from .server import WebSocketServer, serve_until_signalled
+from .server import WebSocketServer, serve, serve_until_signalled
+from .server.processes import WorkersFailed, check_workers
 from .version import __version__
 
 __all__ = ["main", "load_blocks", "build_parser", "served_urls"]
@@ -142,6 +145,33 @@ def _secs(value: Optional[float]) -> str:
     return "off" if value is None else f"{value:g}"
 
 
+def tls_context(certfile: Optional[str], keyfile: Optional[str],
+                ca_certs: Optional[str]) -> Optional[ssl.SSLContext]:
+    """The server's TLS context for ``--certfile``/``--keyfile``/``--ca-certs``
+    (None without ``--certfile``): client certificates are required and
+    checked against ``ca_certs`` when it is given. Raises ``ValueError``
+    with one line naming the option and the file."""
+    if certfile is None:
+        if keyfile is not None or ca_certs is not None:
+            raise ValueError("--keyfile and --ca-certs need --certfile")
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        files = certfile if keyfile is None else f"{certfile} and --keyfile {keyfile}"
+        raise ValueError(f"--certfile {files}: cannot load the certificate and its key "
+                         f"({getattr(exc, 'strerror', None) or exc})") from None
+    if ca_certs is not None:
+        try:
+            context.load_verify_locations(ca_certs)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"--ca-certs {ca_certs}: cannot load certificates "
+                             f"({getattr(exc, 'strerror', None) or exc})") from None
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 # -- The parser ------------------------------------------------------------
 
 class _Parser(argparse.ArgumentParser):
@@ -181,8 +211,27 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_argument("--health-path", type=_path, metavar="PATH",
                         help="answer plain GET PATH with 200 'ok', for load balancers "
                              "(e.g. /health; default: off)")
+    listen.add_argument("--certfile", metavar="PEM",
+                        help="serve wss:// with this certificate chain (default: ws://)")
+    listen.add_argument("--keyfile", metavar="PEM",
+                        help="the certificate's private key (default: in --certfile)")
+    listen.add_argument("--ca-certs", metavar="PEM",
+                        help="require client certificates signed by these CAs "
+                             "(default: none asked)")
+
+    scale = parser.add_argument_group("several processes")
+    scale.add_argument("--workers", type=_count, metavar="N",
+                       help="N server processes on the port, supervised by this one "
+                            "(Linux; default: one server in this process)")
+    scale.add_argument("--redis", metavar="URL",
+                       help="share broadcasts with the other processes through Redis "
+                            "(e.g. redis://127.0.0.1:6379/0; needs pip install "
+                            "'gaman_sync[redis]'; default: off)")
 
     conn = parser.add_argument_group("connections")
+    conn.add_argument("--compression", choices=["deflate", "none"], default="deflate",
+                      help="permessage-deflate with clients that offer it "
+                           "(default %(default)s)")
     conn.add_argument("--max-message-size", type=_bytes, metavar="BYTES",
                       default=defaults.max_message_size,
                       help=f"largest incoming message; larger closes with 1009 "
@@ -227,6 +276,7 @@ def _server_options(args: argparse.Namespace) -> Dict[str, Any]:
         "max_message_size", "max_connections", "ping_interval", "ping_timeout",
         "close_timeout", "shutdown_timeout")}
     options["health_path"] = args.health_path
+    options["compression"] = None if args.compression == "none" else args.compression
     options["access_log"] = args.access_log
     options["stats_interval"] = args.stats_interval
     return options
@@ -259,8 +309,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return client_main(args_list[1:], prog=f"{PROG} connect")
     parser = build_parser()
     args = parser.parse_args(args_list)
+    if args.workers is not None:
+        try:
+            check_workers(args.workers)
+        except ValueError as exc:
+            parser.error(f"--workers: {exc}")
+    # With workers, each line says which process wrote it.
     logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s %(levelname)s %(name)s"
+                        + ("[%(process)d]" if args.workers else "") + ": %(message)s")
 
     blocks: List[Block] = []
     for spec in args.blocks:
@@ -269,7 +326,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except ValueError as exc:
             parser.error(str(exc))
     try:
+        ssl_context = tls_context(args.certfile, args.keyfile, args.ca_certs)
+    except ValueError as exc:
+        parser.error(str(exc))
+    broker_options: Dict[str, Any] = {}
+    if args.redis is not None:
+        try:
+            broker_options["broker"] = RedisBroker(args.redis)
+        except (ImportError, ValueError) as exc:
+            parser.error(f"--redis: {exc}")
+    try:
         server = WebSocketServer(blocks, host=args.host, port=args.port,
+                                 ssl_context=ssl_context, **broker_options,
                                  **_server_options(args))
     except (ValueError, TypeError) as exc:  # two blocks on one path, say
         parser.error(str(exc))
@@ -279,7 +347,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             logger.info("serving %s", url)
 
     try:
-        serve_until_signalled(server, ready)
+        if args.workers is not None:
+            # The server above checked the arguments; each worker makes its own.
+            serve(blocks, host=args.host, port=args.port, workers=args.workers,
+                  ssl_context=ssl_context, **broker_options, **_server_options(args))
+        else:
+            serve_until_signalled(server, ready)
+    except WorkersFailed as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    except BrokerUnavailable as exc:
+        parser.error(f"--redis: {exc}")
     except OSError as exc:  # the port is taken, the address is not ours, ...
         if server.listening or server.wait_for_shutdown_request(0):
             raise

@@ -13,6 +13,10 @@ The tree::
         ├── InvalidHeader           a header of the 101 is missing or wrong
         ├── InvalidMessage          the response is not HTTP, or the server closed first
         ├── InvalidRedirect         a redirect loop, too many hops, or wss:// to ws://
+        ├── InvalidCertificate      (also an ssl.SSLCertVerificationError) the
+        │                           server's TLS certificate does not verify;
+        │                           defined in gaman_sync.io.tls, which
+        │                           imports ssl (this module imports nothing)
         └── HandshakeTimeout        (also a TimeoutError) no 101 in ``open_timeout``
 
 Errors of the operating system (a refused connection, an unknown host) are
@@ -99,12 +103,15 @@ class InvalidStatus(InvalidHandshake):
     @property
     def headers(self) -> Any:
         """The response's headers (case-insensitive)."""
-        return getattr(self.response, "headers")
+        # getattr: response is an object here (this module imports nothing
+        # of the protocol layer, where Response lives).
+        return getattr(self.response, "headers")  # noqa: B009
 
     @property
     def body(self) -> bytes:
         """The first bytes of the response's body."""
-        return getattr(self.response, "body")
+        body: bytes = getattr(self.response, "body")  # noqa: B009
+        return body
 
 
 class InvalidHeader(InvalidHandshake):

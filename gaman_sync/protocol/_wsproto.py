@@ -21,7 +21,7 @@ the version, rather than silently turning a limit off.
 from __future__ import annotations
 
 import struct
-from typing import cast
+from typing import Any, Optional, cast
 
 import wsproto
 from wsproto.frame_protocol import (Frame, FrameDecoder, FrameProtocol, Opcode, ParseFailed,
@@ -90,8 +90,11 @@ class Decoder(FrameProtocol):
     malformed close frame is a protocol error, 1002). With the C helper built,
     frames are unmasked in C."""
 
-    def __init__(self, client: bool, unmask_in_c: bool = True) -> None:
-        super().__init__(client, [])
+    def __init__(self, client: bool, unmask_in_c: bool = True,
+                 extension: Optional[Any] = None) -> None:
+        # ``extension``: a wsproto extension that receives every frame (the
+        # permessage-deflate inflater), or None.
+        super().__init__(client, [extension] if extension is not None else [])
         if xor_mask is not None and unmask_in_c and not client:
             self._frame_decoder = _FrameDecoder(self.client, self.extensions)
         self._inbox = self._frame_decoder.buffer
@@ -131,6 +134,10 @@ class Decoder(FrameProtocol):
         decoder = self._frame_decoder
         header = decoder.header
         if header is None or header.opcode.iscontrol():
+            return so_far
+        extensions = self.extensions
+        if extensions and extensions[0].compressing:
+            # Its headers announce compressed bytes: the inflater bounds it.
             return so_far
         if header.opcode is not Opcode.CONTINUATION:
             # A new message (or a protocol error wsproto reports next): this
