@@ -55,7 +55,7 @@ from ..options import Options
 from ..protocol.events import Closed, Failed, MessageReceived, PongReceived
 from ..protocol.frames import CloseCode, Data, check_close_code
 from ..protocol.http import format_address
-from ..protocol.state import Protocol
+from ..protocol.state import Protocol, State
 from .handler import WebSocketHandler
 
 __all__ = ["Connection", "ReadyState", "interrupted_connection_code"]
@@ -72,6 +72,10 @@ _RECV_MAX = 512 * 1024
 _JOIN_LIMIT = 16 * 1024
 _EMPTY_HANDLER = WebSocketHandler()
 _ABNORMAL = int(CloseCode.ABNORMAL_CLOSURE)
+# The paths every message takes compare the protocol's state with this, not
+# through its is_open property: a property call is a Python frame, which
+# costs about what two counter increments cost.
+_OPEN = State.OPEN
 
 
 class ReadyState(IntEnum):
@@ -217,7 +221,7 @@ class Connection:
         header, payload = self._proto.encode(message)
         size = len(header) + len(payload)
         with self._lock:
-            if not self._proto.is_open:
+            if self._proto.state is not _OPEN:
                 raise self._closed_error()
             if self._outgoing_size and self._outgoing_size + size > self.options.write_limit:
                 self._wait_for_room(size, self.options.send_timeout if timeout is None
@@ -231,7 +235,7 @@ class Connection:
         first, then the frame is encoded and written under the lock."""
         size = len(message)  # the uncompressed size bounds the room to wait for
         with self._lock:
-            if not self._proto.is_open:
+            if self._proto.state is not _OPEN:
                 raise self._closed_error()
             if self._outgoing_size and self._outgoing_size + size > self.options.write_limit:
                 self._wait_for_room(size, self.options.send_timeout if timeout is None
@@ -270,7 +274,7 @@ class Connection:
         connection is not open or its outgoing buffer is over ``write_limit``:
         the caller decides what that means (:attr:`is_open` tells which)."""
         with self._lock:
-            if not self._proto.is_open or self._outgoing_size > self.options.write_limit:
+            if self._proto.state is not _OPEN or self._outgoing_size > self.options.write_limit:
                 return False
             self._write(frame)
             self.messages_out += 1
@@ -464,12 +468,13 @@ class Connection:
 
     def _write(self, data: Union[bytes, memoryview]) -> None:
         """Queue or send ``data``; the caller holds ``_lock``."""
-        if not data:
+        size = len(data)
+        if not size:
             return
-        self.bytes_out += len(data)
+        self.bytes_out += size
         if self._outgoing is not None:
             self._outgoing.append(data)
-            self._outgoing_size += len(data)
+            self._outgoing_size += size
             return
         try:
             sent = self._send_fn(self._send_arg, data)
@@ -478,7 +483,7 @@ class Connection:
         except OSError:
             self._write_failed()
             return
-        if sent < len(data):
+        if sent < size:
             self._queue(memoryview(data)[sent:])
 
     def _write_frame(self, header: bytes, payload: bytes) -> None:
@@ -693,7 +698,7 @@ class Connection:
                 kind = type(event)  # dispatch on the exact type: cheaper than isinstance
                 if kind is MessageReceived:
                     self.messages_in += 1
-                    if not proto.is_open:
+                    if proto.state is not _OPEN:
                         self._dropped += 1  # our close started: see the module's docstring
                     elif on_message is not None:
                         try:
