@@ -168,7 +168,7 @@ class _Worker:
         self.restart_at: Optional[float] = None
 
 
-def run_workers(server: "WebSocketServer", count: int, reservation: socket.socket,
+def run_workers(server: WebSocketServer, count: int, reservation: socket.socket,
                 *, warn_broadcast: bool = True) -> None:
     """Run ``count`` worker processes of ``server`` (built, not started,
     with ``reuse_port=True`` and the port of ``reservation``) until SIGINT
@@ -186,7 +186,7 @@ def run_workers(server: "WebSocketServer", count: int, reservation: socket.socke
 
 
 class _Supervisor:
-    def __init__(self, server: "WebSocketServer", count: int, reservation: socket.socket,
+    def __init__(self, server: WebSocketServer, count: int, reservation: socket.socket,
                  warn_broadcast: bool) -> None:
         self.server = server
         self.reservation = reservation
