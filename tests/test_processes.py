@@ -224,6 +224,21 @@ def test_connections_spread_over_both_workers_of_a_threadless_parent():
             client.ws.close()
 
 
+def test_workers_share_an_ipv6_loopback_port():
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    with cluster("--workers", "2", "--host", "::1") as running:
+        port = int(running.wait_line(r"worker\(s\) listening on \[::1\]:(\d+)").group(1))
+        pids = set()
+        for _ in range(40):
+            with connect(f"ws://[::1]:{port}/pid", open_timeout=WAIT) as ws:
+                pids.add(int(ws.recv(timeout=WAIT)))
+        running.seen |= pids
+        assert len(pids) == 2, pids
+
+
 def test_a_killed_worker_is_started_again_and_serves():
     with cluster("--workers", "2") as running:
         running.listening()
