@@ -61,7 +61,7 @@ STAMPEDE_TIMEOUT = 5
 # generator's share of a core says whether it was the bottleneck.
 TIMED = ("echo-1", "echo-16", "echo-100", "echo-1mib", "handshakes", "broadcast",
          "wss-echo-16", "wss-echo-1mib", "wss-handshakes", "broadcast-room",
-         "broadcast-redis")
+         "broadcast-redis", "broadcast-4k", "broadcast-4k-deflate")
 # The wss scenarios' certificate (made at start with trustme): the servers
 # load it, the load generator checks it against the CA.
 CERTS: Dict[str, str] = {}
@@ -525,6 +525,14 @@ def run_broadcast(ctx: Context, server: Server) -> Outcome:
                                 "size": 64, "window": 16})
 
 
+def run_broadcast_json(deflate: bool) -> Callable[[Context, Server], Outcome]:
+    """A 4 KiB JSON text broadcast; with ``deflate``, every client offers
+    permessage-deflate (a server that refuses it has no figure)."""
+    return lambda ctx, server: _timed(ctx, server, {
+        "mode": "broadcast", "conns": ctx.broadcast_conns, "size": 4096, "json": True,
+        "deflate": deflate, "window": 16})
+
+
 def run_broadcast_redis(ctx: Context, cluster: Cluster) -> Outcome:
     """The broadcast scenario with the clients spread over two processes
     that share a Redis: the sender's process delivers to its half at once,
@@ -542,14 +550,16 @@ class Hold:
     """A load.js holding ``conns`` idle connections, with the server's state
     from before they opened (after the warm-up, once the server is quiet)."""
 
-    def __init__(self, ctx: Context, server: Server, conns: int, max_failures: int) -> None:
+    def __init__(self, ctx: Context, server: Server, conns: int, max_failures: int,
+                 deflate: bool = False) -> None:
         self.requested = conns
         # A few failures are a result worth reporting (fds or threads running
         # out); many mean the server stopped accepting, and waiting for each
         # remaining connection to time out would teach nothing more.
         self.gen = ctx.loadgen(server.port, mode="hold", conns=conns, parallel=100, rtts=20,
                                maxFailures=max_failures, connectTimeout=10,
-                               echoTimeout=STAMPEDE_TIMEOUT, probeTimeout=PROBE_TIMEOUT)
+                               echoTimeout=STAMPEDE_TIMEOUT, probeTimeout=PROBE_TIMEOUT,
+                               deflate=deflate)
         try:
             self.gen.wait("warm", 30)
             server.wait_quiet()
@@ -571,8 +581,12 @@ class Hold:
                 f"{self.ready['failed']} failed ({self.ready.get('firstError')})")
 
 
-def run_memory(ctx: Context, server: Server) -> Outcome:
-    hold = Hold(ctx, server, ctx.memory_conns, max_failures=0)
+def run_memory_deflate(ctx: Context, server: Server) -> Outcome:
+    return run_memory(ctx, server, deflate=True)
+
+
+def run_memory(ctx: Context, server: Server, deflate: bool = False) -> Outcome:
+    hold = Hold(ctx, server, ctx.memory_conns, max_failures=0, deflate=deflate)
     try:
         if hold.shortfall():
             raise BenchError(hold.shortfall())
@@ -707,6 +721,11 @@ def scenarios(ctx: Context) -> List[Scenario]:
                  run_handshakes, tls=True),
         Scenario("broadcast", [Metric("rate", f"broadcast 64 B to {bc:,} clients",
                                       "deliveries/s")], run_broadcast),
+        Scenario("broadcast-4k", [Metric("rate", f"broadcast 4 KiB JSON to {bc:,} clients",
+                                         "deliveries/s")], run_broadcast_json(False)),
+        Scenario("broadcast-4k-deflate", [Metric(
+            "rate", f"broadcast 4 KiB JSON to {bc:,} clients, permessage-deflate",
+            "deliveries/s")], run_broadcast_json(True)),
         Scenario("broadcast-room", [Metric("rate", f"broadcast 64 B to a room of {bc:,}",
                                            "deliveries/s")], run_broadcast,
                  env={"GAMAN_BENCH_ROOM": "1"}),
@@ -715,6 +734,9 @@ def scenarios(ctx: Context) -> List[Scenario]:
                  run_broadcast_redis, cluster=True),
         Scenario("memory", [Metric("kib", f"memory per idle connection, {mem:,} open",
                                    "KiB", True)], run_memory),
+        Scenario("memory-deflate", [Metric(
+            "kib", f"memory per connection, {mem:,} open, permessage-deflate, after one "
+                   "compressed message each", "KiB", True)], run_memory_deflate),
         Scenario("idle", [
             Metric("open", f"{idle:,} idle connections: opening rate", "conn/s"),
             Metric("rtt", f"{idle:,} idle: echo RTT of a new client", "ms", True),

@@ -91,14 +91,14 @@ def _gaman_sync_blocks() -> list:
         return {"on_message": lambda message: send(message, room="all")}
 
     if os.environ.get("GAMAN_BENCH_ROOM"):
-        broadcast = broadcast_room  # noqa: F811
+        broadcast = broadcast_room
 
     return [define_block("/echo", echo), define_block("/broadcast", broadcast)]
 
 
 def _gaman_sync_options() -> dict:
     # gaman_sync sets TCP_NODELAY itself, and compresses only when offered
-    # (the load generator never offers). With
+    # (the load generator offers only in the -deflate scenarios). With
     # GAMAN_BENCH_REDIS (run.py's broadcast-redis), broadcasts go through Redis.
     options = dict(backlog=BACKLOG, max_message_size=MESSAGE_LIMIT,
                    ping_interval=None, max_connections=20000)

@@ -55,7 +55,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_line(proc: subprocess.Popen, pattern: str, timeout: float = 15.0) -> "re.Match":
+def wait_for_line(proc: subprocess.Popen, pattern: str, timeout: float = 15.0) -> re.Match:
     """The first line of ``proc``'s output that matches ``pattern``."""
     deadline = time.monotonic() + timeout
     assert proc.stdout is not None

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Optional
 if __name__ == "__main__":  # run as a script: the package from this checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gaman_sync import define_block  # noqa: E402
+from gaman_sync import define_block
 
 
 def room_block(path: str = "/rooms", on_close: Optional[Callable[[Any], None]] = None) -> Any:

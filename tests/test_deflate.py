@@ -16,18 +16,27 @@ import zlib
 from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
-from websockets.extensions.permessage_deflate import (ClientPerMessageDeflateFactory,
-                                                      ServerPerMessageDeflateFactory)
+from websockets.extensions.permessage_deflate import (
+    ClientPerMessageDeflateFactory,
+    ServerPerMessageDeflateFactory,
+)
 from websockets.sync.client import connect as ws_connect
 from websockets.sync.server import serve as ws_serve
 
 from gaman_sync import Deflate, InvalidHeader, Options, connect, define_block
 from gaman_sync.protocol import Side
-from gaman_sync.protocol.deflate import (Agreement, NegotiationError, client_agreement,
-                                         client_offer, parse_extensions, server_answer)
+from gaman_sync.protocol.deflate import (
+    Agreement,
+    NegotiationError,
+    client_agreement,
+    client_offer,
+    parse_extensions,
+    server_answer,
+)
 from gaman_sync.protocol.state import Protocol
 from gaman_sync.server import blocks as blocks_module
-from gaman_sync.testing.raw import BINARY, CONT as CONTINUATION, TEXT, RawPeer, frame
+from gaman_sync.testing.raw import BINARY, TEXT, RawPeer, frame
+from gaman_sync.testing.raw import CONT as CONTINUATION
 
 from .conftest import WAIT
 

@@ -118,7 +118,7 @@ class Node:
         self.log: List[str] = []
         self.pid = self.proc.pid
         threading.Thread(target=self._read_log, daemon=True).start()
-        box: "queue.Queue[str]" = queue.Queue()
+        box: queue.Queue[str] = queue.Queue()
         threading.Thread(target=lambda: box.put(self.proc.stdout.readline()), daemon=True).start()
         try:
             line = box.get(timeout=30)
@@ -287,7 +287,7 @@ def test_redis_down_at_start_is_a_clear_error():
 
     url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     server = WebSocketServer(room_block(), port=0, broker=RedisBroker(url, connect_timeout=1))
-    with pytest.raises(BrokerUnavailable, match="cannot reach Redis at redis://127.0.0.1"):
+    with pytest.raises(BrokerUnavailable, match=r"cannot reach Redis at redis://127\.0\.0\.1"):
         server.start()
     assert server.threads == [] and not server.listener_open
     server.shutdown()

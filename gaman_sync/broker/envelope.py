@@ -20,7 +20,7 @@ the bytes that come before it on Redis).
 from __future__ import annotations
 
 import json
-from typing import FrozenSet, Iterable, Optional, Tuple, Union
+from typing import Any, Dict, FrozenSet, Iterable, Optional, Tuple, Union
 
 __all__ = ["pack", "unpack"]
 
@@ -28,7 +28,7 @@ _TEXT, _BINARY = b"t", b"b"
 _EMPTY = b"{}\n"
 
 
-def pack(message: Union[str, bytes], room: Optional[str] = None,
+def pack(message: Union[str, bytes, bytearray, memoryview], room: Optional[str] = None,
          exclude: Iterable[int] = ()) -> bytes:
     """The envelope of a broadcast of ``message`` (``str``: text; bytes-like:
     binary) to ``room`` (None: every client) but the ids in ``exclude``."""
@@ -38,7 +38,7 @@ def pack(message: Union[str, bytes], room: Optional[str] = None,
         kind, body = _BINARY, bytes(message)
     else:
         raise TypeError(f"a message is str or bytes, not {type(message).__name__}")
-    header = {}
+    header: Dict[str, Any] = {}
     if room is not None:
         header["room"] = room
     skip = sorted(exclude)

@@ -42,11 +42,18 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from wsproto.extensions import Extension
-from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol, Opcode, \
-    ParseFailed, RsvBits
+from wsproto.frame_protocol import (
+    CloseReason,
+    FrameDecoder,
+    FrameProtocol,
+    Opcode,
+    ParseFailed,
+    RsvBits,
+)
 
 from ..options import Deflate
 from .frames import Data, frame_bytes
@@ -167,7 +174,17 @@ def _check_params(params: List[Param], answer: bool) -> Dict[str, Optional[str]]
 def server_answer(values: Sequence[str], options: Deflate) -> Optional[Tuple[str, Agreement]]:
     """The ``Sec-WebSocket-Extensions`` value that accepts the first
     permessage-deflate offer in ``values`` we can accept, and its agreement;
-    None if there is none (or the header does not parse): no compression."""
+    None if there is none (or the header does not parse): no compression.
+
+    Clients of one kind send the same offer: its answer is remembered, so
+    that their connections share one agreement and parse it once."""
+    if sum(len(value) for value in values) > 512:
+        return _server_answer(tuple(values), options)  # not worth remembering
+    return _remembered_answer(tuple(values), options)
+
+
+def _server_answer(values: Tuple[str, ...], options: Deflate
+                   ) -> Optional[Tuple[str, Agreement]]:
     try:
         offers = parse_extensions(values)
     except ValueError:
@@ -198,6 +215,9 @@ def server_answer(values: Sequence[str], options: Deflate) -> Optional[Tuple[str
                 answer.append(f"client_max_window_bits={client_bits}")
         return "; ".join(answer), Agreement(server_bits, client_bits, True, client_nct, options)
     return None
+
+
+_remembered_answer = lru_cache(maxsize=64)(_server_answer)
 
 
 # -- A client's offer and its check of the answer ------------------------------------
@@ -263,7 +283,7 @@ class _Pool:
     __slots__ = ("_free", "_args")
 
     def __init__(self, bits: int, level: int, mem_level: int) -> None:
-        self._free: List["zlib._Compress"] = []
+        self._free: List[zlib._Compress] = []
         self._args = (level, zlib.DEFLATED, -bits, mem_level)
 
     def compress(self, data: bytes) -> bytes:
@@ -378,7 +398,7 @@ class Inflater(Extension):
         # holds as little as zlib's pending buffer: 2 KiB at memLevel 5 (what
         # websockets sends with: 0.24 % more), 128 bytes at memLevel 1 (4 %).
         self._max_wire = None if max_size is None else max_size + (max_size >> 4) + 1024
-        self._zlib: Optional["zlib._Decompress"] = None
+        self._zlib: Optional[zlib._Decompress] = None
         self._message = False      # inside a data message (its first frame seen)
         self._compressed = False   # that message is compressed
         self._frame = False        # the frame being received is a compressed data frame

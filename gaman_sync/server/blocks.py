@@ -39,11 +39,21 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import (TYPE_CHECKING, Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence,
-                    Tuple, Union)
-
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    FrozenSet,
+    Iterable,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+    runtime_checkable,
+)
 from typing import Protocol as _Interface
-from typing import runtime_checkable
 
 from ..broker.envelope import pack, unpack
 from ..connection import ReadyState, WebSocketHandler
@@ -109,7 +119,7 @@ class BlockServer:
     ``port``).
     """
 
-    def __init__(self, root: "WebSocketServer", endpoint: Endpoint) -> None:
+    def __init__(self, root: WebSocketServer, endpoint: Endpoint) -> None:
         self.root = root
         """The :class:`~gaman_sync.WebSocketServer` that runs this block."""
         self.endpoint = endpoint
@@ -226,7 +236,7 @@ class BlockServer:
         if self._publish is not None:
             self._publish(pack(message, room, _excluded_ids(exclude)))
 
-    def connect_broker(self, broker: Optional["Broker"], channel: str) -> None:
+    def connect_broker(self, broker: Optional[Broker], channel: str) -> None:
         """Publish this block's broadcasts on ``channel`` of ``broker`` from
         now on (None: no more); the server calls it once its broker started."""
         if broker is None:
@@ -270,7 +280,7 @@ class BlockServer:
         if not isinstance(room, str):
             _bad_room(room)
         with self._rooms_lock:
-            if conn.ready_state is ReadyState.CLOSED:
+            if _ended(conn):
                 return
             rooms = self._memberships.get(conn, _NO_ROOMS)
             if room in rooms:
@@ -279,7 +289,7 @@ class BlockServer:
             self._memberships[conn] = rooms | {room}
             if conn in self._clients:
                 self._rooms.setdefault(room, {})[conn] = None
-        if conn.ready_state is ReadyState.CLOSED:
+        if _ended(conn):
             # It ended meanwhile, and discard() may have found no rooms to leave.
             self._leave_all(conn)
 
@@ -344,18 +354,23 @@ class BlockServer:
 _NO_ROOMS: FrozenSet[str] = frozenset()
 
 
+def _ended(conn: ServerConnection) -> bool:
+    """Has ``conn`` ended (``on_close`` due or done)? It never joins a room again."""
+    return conn.ready_state is ReadyState.CLOSED
+
+
 def _bad_room(room: Any) -> Any:
     raise TypeError(f"room must be a str (a room's name) or None, not {room!r:.60}; to skip "
                     "clients, pass exclude=")
 
 
-def _excluded_ids(exclude: Exclude) -> frozenset:
+def _excluded_ids(exclude: Exclude) -> FrozenSet[int]:
     if exclude is None:
         return frozenset()
     items = (exclude,) if isinstance(exclude, (ServerConnection, int)) else exclude
     try:
         ids = []
-        for item in items:  # type: ignore[union-attr]
+        for item in items:
             if isinstance(item, ServerConnection):
                 ids.append(item.id)
             elif isinstance(item, int) and not isinstance(item, bool):

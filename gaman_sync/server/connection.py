@@ -95,25 +95,6 @@ class ServerConnection(Connection):
         once the connection has ended)."""
         return self.server.rooms_of(self)
 
-    # -- Rooms (see gaman_sync.server.blocks) -----------------------------
-
-    def join(self, room: str) -> None:
-        """Join ``room`` of this block: ``ctx.server.broadcast(m, room=room)``
-        reaches it, in every process that shares a broker. From any thread;
-        joining twice is joining once. The connection leaves every room once
-        it has ended."""
-        self.server.join(self, room)
-
-    def leave(self, room: str) -> None:
-        """Leave ``room`` (nothing if not in it)."""
-        self.server.leave(self, room)
-
-    @property
-    def rooms(self) -> FrozenSet[str]:
-        """The rooms this connection is in (still set in ``on_close``; empty
-        once the connection has ended)."""
-        return self.server.rooms_of(self)
-
     def opening(self) -> bool:
         """Decide (for a block that does), run the endpoint's handler for this
         connection, join its clients and send the 101."""

@@ -500,9 +500,10 @@ class WebSocketServer:
         options = self.options
         # permessage-deflate, if the client offers it and it is on.
         answer = None
-        if options.compression is not None:
+        deflate = options.deflate
+        if deflate is not None:
             offers = request.headers.get_all("sec-websocket-extensions")
-            answer = server_answer(offers, options.compression) if offers else None
+            answer = server_answer(offers, deflate) if offers else None
         conn = ServerConnection(
             transport,
             Protocol(Side.SERVER, options.max_message_size, trailing_data,
