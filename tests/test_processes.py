@@ -14,13 +14,14 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import textwrap
 import threading
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Set
+from typing import Dict, Iterator, List, NoReturn, Optional, Set
 
 import pytest
 
@@ -98,8 +99,10 @@ class Cluster:
         self.port = int(match.group(2))
         return self.port
 
-    def open(self, path: str = "/pid") -> "Client":
-        ws = connect(f"ws://127.0.0.1:{self.port}{path}", open_timeout=WAIT)
+    def open(self, path: str = "/pid", ssl_context: Optional[ssl.SSLContext] = None) -> Client:
+        scheme = "ws" if ssl_context is None else "wss"
+        ws = connect(f"{scheme}://127.0.0.1:{self.port}{path}", open_timeout=WAIT,
+                     ssl_context=ssl_context)
         pid = int(ws.recv(timeout=WAIT))
         self.seen.add(pid)
         return Client(ws, pid)
@@ -153,6 +156,13 @@ def clients_on_every_worker(running: Cluster, workers: int, limit: int = 40) -> 
                                      f"{sorted({c.pid for c in clients})}"
         clients.append(running.open())
     return clients
+
+
+def missing_peer(reason: str) -> NoReturn:
+    """Skip for a missing outside tool, or fail under GAMAN_SYNC_REQUIRE_PEERS=1."""
+    if os.environ.get("GAMAN_SYNC_REQUIRE_PEERS") == "1":
+        pytest.fail(f"{reason} (GAMAN_SYNC_REQUIRE_PEERS=1 forbids skipping)", pytrace=False)
+    pytest.skip(reason)
 
 
 def gone(pid: int) -> bool:
@@ -214,6 +224,21 @@ def test_connections_spread_over_both_workers_of_a_threadless_parent():
             client.ws.close()
 
 
+def test_workers_share_an_ipv6_loopback_port():
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    with cluster("--workers", "2", "--host", "::1") as running:
+        port = int(running.wait_line(r"worker\(s\) listening on \[::1\]:(\d+)").group(1))
+        pids = set()
+        for _ in range(40):
+            with connect(f"ws://[::1]:{port}/pid", open_timeout=WAIT) as ws:
+                pids.add(int(ws.recv(timeout=WAIT)))
+        running.seen |= pids
+        assert len(pids) == 2, pids
+
+
 def test_a_killed_worker_is_started_again_and_serves():
     with cluster("--workers", "2") as running:
         running.listening()
@@ -223,7 +248,7 @@ def test_a_killed_worker_is_started_again_and_serves():
         mark = len(running.lines)
         os.kill(victim, signal.SIGKILL)
         running.wait_line(rf"\(pid {victim}\) killed by SIGKILL; starting it again", start=mark)
-        running.wait_line(r"worker \d listening \(pid (?!%d\))\d+\)" % survivor, start=mark)
+        running.wait_line(rf"worker \d listening \(pid (?!{survivor}\))\d+\)", start=mark)
         assert close_code(next(c for c in first if c.pid == victim)) == 1006
         # New connections reach a new pid (the kernel spreads them over both
         # listening workers again), which echoes; the survivor still serves.
@@ -323,6 +348,28 @@ def test_a_second_sigterm_kills_workers_that_are_still_shutting_down():
         sock.close()
 
 
+def test_workers_serve_wss_with_the_certificate_loaded_once(tmp_path):
+    try:
+        import trustme
+    except ImportError:
+        missing_peer("trustme is not installed (pip install -e '.[test]')")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(certfile))
+    cert.private_key_pem.write_to_path(str(keyfile))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ca.configure_trust(context)
+    with cluster("--workers", "2", "--certfile", str(certfile), "--keyfile",
+                 str(keyfile)) as running:
+        running.listening()
+        clients = [running.open(ssl_context=context) for _ in range(40)]
+        assert len({c.pid for c in clients}) == 2
+        for client in clients[:2]:
+            client.ws.send("over TLS")
+            assert client.ws.recv(timeout=WAIT) == "over TLS"
+
+
 # -- Through Redis -------------------------------------------------------------
 
 
@@ -332,10 +379,7 @@ def redis_server() -> Iterator[RedisServer]:
     one, failed instead under GAMAN_SYNC_REQUIRE_PEERS=1."""
     reason = redis_missing()
     if reason is not None:
-        if os.environ.get("GAMAN_SYNC_REQUIRE_PEERS") == "1":
-            pytest.fail(f"{reason} (GAMAN_SYNC_REQUIRE_PEERS=1 forbids skipping)",
-                        pytrace=False)
-        pytest.skip(reason)
+        missing_peer(reason)
     server = RedisServer()
     server.start()
     try:

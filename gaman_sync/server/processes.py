@@ -11,7 +11,8 @@ Theory of operation:
   ``SO_REUSEPORT`` and has its own listening socket and accept queue; Linux
   spreads incoming connections over the sockets of the group by a hash of the
   connection's addresses, so every worker gets about 1/N of them and no
-  worker's accept thread competes with another's. The alternative, one
+  worker's accept thread competes with another's. (Only processes of the
+  same user may join a port's group.) The alternative, one
   listening socket made before the fork and inherited by every worker, lets
   the kernel hand each connection to whichever worker happens to be waiting
   in ``accept()``: on a loaded machine the least busy one, but on an idle one
@@ -168,7 +169,7 @@ class _Worker:
         self.restart_at: Optional[float] = None
 
 
-def run_workers(server: "WebSocketServer", count: int, reservation: socket.socket,
+def run_workers(server: WebSocketServer, count: int, reservation: socket.socket,
                 *, warn_broadcast: bool = True) -> None:
     """Run ``count`` worker processes of ``server`` (built, not started,
     with ``reuse_port=True`` and the port of ``reservation``) until SIGINT
@@ -186,7 +187,7 @@ def run_workers(server: "WebSocketServer", count: int, reservation: socket.socke
 
 
 class _Supervisor:
-    def __init__(self, server: "WebSocketServer", count: int, reservation: socket.socket,
+    def __init__(self, server: WebSocketServer, count: int, reservation: socket.socket,
                  warn_broadcast: bool) -> None:
         self.server = server
         self.reservation = reservation
