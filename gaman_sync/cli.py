@@ -283,8 +283,9 @@ def _server_options(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def served_urls(server: WebSocketServer) -> List[str]:
-    """What ``server`` (started) serves, one URL per block path (a pattern
-    for a path with parameters), with what answers there."""
+    """What ``server`` serves (once started, or once its workers listen),
+    one URL per block path (a pattern for a path with parameters), with what
+    answers there."""
     urls = []
     for view in server.blocks:
         endpoint = view.endpoint
@@ -349,7 +350,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.workers is not None:
             # The server above checked the arguments; each worker makes its own.
-            serve(blocks, host=args.host, port=args.port, workers=args.workers,
+            serve(blocks, host=args.host, port=args.port, workers=args.workers, ready=ready,
                   ssl_context=ssl_context, **broker_options, **_server_options(args))
         else:
             serve_until_signalled(server, ready)

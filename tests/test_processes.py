@@ -224,6 +224,17 @@ def test_connections_spread_over_both_workers_of_a_threadless_parent():
             client.ws.close()
 
 
+def test_the_supervisor_logs_each_url_once_every_worker_listens():
+    with cluster("--workers", "2") as running:
+        port = running.listening()
+        running.wait_line(rf"serving ws://127\.0\.0\.1:{port}/pid$")
+        running.wait_line(rf"serving ws://127\.0\.0\.1:{port}/broadcast$")
+        # Once each, by the supervisor (its pid on the line), not by each worker.
+        lines = [line for line in running.text().splitlines() if "serving ws://" in line]
+        assert len(lines) == 2, lines
+        assert all(f"[{running.proc.pid}]" in line for line in lines), lines
+
+
 def test_workers_share_an_ipv6_loopback_port():
     try:
         socket.create_server(("::1", 0), family=socket.AF_INET6).close()

@@ -85,7 +85,7 @@ import socket
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 if TYPE_CHECKING:  # the server imports this module
     from .server import WebSocketServer
@@ -170,26 +170,29 @@ class _Worker:
 
 
 def run_workers(server: WebSocketServer, count: int, reservation: socket.socket,
-                *, warn_broadcast: bool = True) -> None:
+                *, warn_broadcast: bool = True,
+                ready: Optional[Callable[[], Any]] = None) -> None:
     """Run ``count`` worker processes of ``server`` (built, not started,
     with ``reuse_port=True`` and the port of ``reservation``) until SIGINT
     or SIGTERM, as the module docstring describes; call it from the main
     thread of a process that has started no thread. Closes ``reservation``
     on return. Raises :class:`WorkersFailed` if the workers keep failing
-    at start and ``KeyboardInterrupt`` on a second signal."""
+    at start and ``KeyboardInterrupt`` on a second signal. ``ready()`` is
+    called once every worker listens, the first time."""
     try:
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("serve(workers=N) must run in the main thread: it forks "
                                "and handles signals")
-        _Supervisor(server, count, reservation, warn_broadcast).run()
+        _Supervisor(server, count, reservation, warn_broadcast, ready).run()
     finally:
         reservation.close()
 
 
 class _Supervisor:
     def __init__(self, server: WebSocketServer, count: int, reservation: socket.socket,
-                 warn_broadcast: bool) -> None:
+                 warn_broadcast: bool, ready: Optional[Callable[[], Any]] = None) -> None:
         self.server = server
+        self.ready = ready
         self.reservation = reservation
         self.workers = [_Worker(i) for i in range(count)]
         self.warn_broadcast = warn_broadcast
@@ -341,6 +344,8 @@ class _Supervisor:
                 host = f"[{address[0]}]" if ":" in address[0] else address[0]
                 logger.info("%d worker(s) listening on %s:%d", len(self.workers), host,
                             address[1])
+                if self.ready is not None:
+                    self.ready()
             data = data[len(_READY):]
         if data.startswith(_ERROR):
             worker.error = data[len(_ERROR):].decode(errors="replace").strip()

@@ -15,6 +15,7 @@ broker's process number) and stops at the end of its shutdown.
 from __future__ import annotations
 
 import atexit
+import functools
 import itertools
 import logging
 import math
@@ -240,12 +241,17 @@ class WebSocketServer:
         return listener is not None and listener.fileno() != -1
 
     def url(self, path: str = "/") -> str:
-        """``ws://host:port/path`` (``wss://`` with TLS) for this server (once started)."""
-        host = self.address[0]
+        """``ws://host:port/path`` (``wss://`` with TLS) for this server: once
+        started, or before when it was given a port other than 0 (the
+        supervisor of ``serve(workers=N)`` names its workers' port so)."""
+        if self._address is None and self._requested_port:
+            host, port = self.host or "0.0.0.0", self._requested_port
+        else:
+            host, port = self.address[0], self.port
         if ":" in host:
             host = f"[{host}]"
         scheme = "ws" if self.ssl_context is None else "wss"
-        return f"{scheme}://{host}:{self.port}{path}"
+        return f"{scheme}://{host}:{port}{path}"
 
     def broadcast(self, message: Data, exclude: Exclude = None) -> int:
         """Send ``message`` to the open clients of every block (see
@@ -707,7 +713,8 @@ def _listen(host: str, port: int, backlog: int, reuse_port: bool = False) -> soc
 
 
 def serve(blocks: Union[Endpoint, Sequence[Endpoint]], host: str = "127.0.0.1",
-          port: int = 8000, *, workers: Optional[int] = None, **options: Any) -> None:
+          port: int = 8000, *, workers: Optional[int] = None,
+          ready: Optional[Callable[[WebSocketServer], Any]] = None, **options: Any) -> None:
     """Run a server until Ctrl-C or SIGTERM, then shut it down cleanly.
 
     Keyword arguments are :class:`WebSocketServer`'s (``ssl_context`` for
@@ -722,6 +729,10 @@ def serve(blocks: Union[Endpoint, Sequence[Endpoint]], host: str = "127.0.0.1",
     a server in this one, and supervises them: see
     :mod:`gaman_sync.server.processes`. Call it from the main thread, before
     starting threads of your own: it forks.
+
+    ``ready(server)`` is called once the server listens (with workers: once
+    every worker does, in this process, with a server object whose
+    :meth:`~WebSocketServer.url` names their port), to log its URLs, say.
     """
     if workers is not None:
         check_workers(workers)
@@ -732,9 +743,10 @@ def serve(blocks: Union[Endpoint, Sequence[Endpoint]], host: str = "127.0.0.1",
         except BaseException:
             reservation.close()
             raise
-        run_workers(server, workers, reservation, warn_broadcast=not server.broker.remote)
+        run_workers(server, workers, reservation, warn_broadcast=not server.broker.remote,
+                    ready=None if ready is None else functools.partial(ready, server))
         return
-    serve_until_signalled(WebSocketServer(blocks, host=host, port=port, **options))
+    serve_until_signalled(WebSocketServer(blocks, host=host, port=port, **options), ready)
 
 
 def serve_until_signalled(server: WebSocketServer,
