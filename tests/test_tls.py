@@ -515,6 +515,30 @@ def test_health_path_and_pages_over_https(make_server, server_context, client_co
             https.close()
 
 
+def test_past_max_connections_a_tls_client_is_closed_at_once(make_server, server_context,
+                                                             client_context):
+    server = make_server(_echo_block(), ssl_context=server_context, max_connections=1)
+    with connect(server.url("/echo"), ssl_context=client_context, open_timeout=WAIT) as first:
+        started = time.monotonic()
+        with pytest.raises(OSError):  # the TLS handshake meets the end of the stream
+            connect(server.url("/echo"), ssl_context=client_context, open_timeout=WAIT)
+        assert time.monotonic() - started < 2.0
+        first.send("still served")
+        assert first.recv(timeout=WAIT) == "still served"
+    deadline = time.monotonic() + WAIT  # the server forgets the first one right after
+    while True:
+        try:
+            again = connect(server.url("/echo"), ssl_context=client_context,
+                            open_timeout=WAIT)
+            break
+        except OSError:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    with again:
+        again.send("room again")
+        assert again.recv(timeout=WAIT) == "room again"
+
+
 # -- The command line ----------------------------------------------------------------
 
 def test_cli_serves_wss(ca, client_context, tmp_path):

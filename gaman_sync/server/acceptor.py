@@ -227,6 +227,12 @@ class Acceptor:
             hs = _Handshake(sock, address, None, 0.0)
             if self._rejected is not None:
                 self._rejected(503)
+            if self._ssl_context is not None:
+                # A TLS client could not read a plain 503, and a TLS
+                # handshake per refusal is what an overloaded server cannot
+                # afford: closed at once.
+                self._close(hs)
+                return
             self._refuse(hs, error_response(503, "too many connections, try again "
                                                  "later", [("Retry-After", "1")]))
             return
