@@ -1,4 +1,5 @@
-"""Three synchronous Python WebSocket clients, and two ceilings, against the same server; print a markdown table.
+"""Three synchronous Python WebSocket clients, and two ceilings, against the same
+server; print a markdown table.
 
     pip install -e .[bench]
     python benchmarks/clients.py [--rounds N] [--duration S] [--clients a,b]
@@ -62,9 +63,22 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, 
 # Small helpers shared with run.py: the server process and its READY line,
 # /proc readers and the number formats of the table. Importing run.py starts
 # nothing.
-from run import (BACKGROUND, SERVER_SPECS, BenchError, JsonLineProcess, Server, bench_parser,
-                 busy_note, cpu_model, cpu_seconds, fmt_ratio, fmt_value, machine_busy, pick,
-                 tidy_logs)
+from run import (
+    BACKGROUND,
+    SERVER_SPECS,
+    BenchError,
+    JsonLineProcess,
+    Server,
+    bench_parser,
+    busy_note,
+    cpu_model,
+    cpu_seconds,
+    fmt_ratio,
+    fmt_value,
+    machine_busy,
+    pick,
+    tidy_logs,
+)
 
 HOST = "127.0.0.1"
 REFERENCE = "websockets-sync"
@@ -434,7 +448,7 @@ class Worker(JsonLineProcess):
 
     def __init__(self, config: dict, log_path: str) -> None:
         self.log_path = log_path
-        log = open(log_path, "ab")
+        log = open(log_path, "ab")  # noqa: SIM115 (closed after Popen)
         proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(config)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=worker_env(),

@@ -81,7 +81,7 @@ def gaman_echo(wire: bytes, chunk: int) -> Callable[[], int]:
                 _, event = proto.next_event()
                 if event is None:
                     break
-                header, payload = encode_frame(event.data)
+                _header, _payload = encode_frame(event.data)
                 replies += 1
         return replies
 

@@ -17,6 +17,8 @@ library's defaults. ``tcp-echo`` is not WebSocket: it is the ceiling, a thread
 per connection that echoes bytes, with a one-line greeting (the path) instead
 of a handshake (``/broadcast SIZE`` for broadcast clients, since TCP keeps
 no message boundaries), which the load generator speaks in its ``tcp`` mode.
+``gaman_sync-workers2`` is gaman_sync's ``serve(workers=2)``: a supervisor
+and two worker processes on one port; ``run.py`` counts the CPU of all three.
 """
 
 from __future__ import annotations
@@ -73,8 +75,8 @@ def no_tls(name: str) -> None:
 
 # -- gaman_sync --------------------------------------------------------------
 
-def run_gaman_sync() -> None:
-    from gaman_sync import WebSocketServer, define_block
+def _gaman_sync_blocks() -> list:
+    from gaman_sync import define_block
 
     def echo(ctx):
         return {"on_message": ctx.send}
@@ -82,16 +84,59 @@ def run_gaman_sync() -> None:
     def broadcast(ctx):
         return {"on_message": ctx.server.broadcast}
 
-    # gaman_sync sets TCP_NODELAY itself and never compresses.
+    def broadcast_room(ctx):
+        # GAMAN_BENCH_ROOM (run.py's broadcast-room): every client in one room.
+        ctx.join("all")
+        send = ctx.server.broadcast
+        return {"on_message": lambda message: send(message, room="all")}
+
+    if os.environ.get("GAMAN_BENCH_ROOM"):
+        broadcast = broadcast_room
+
+    return [define_block("/echo", echo), define_block("/broadcast", broadcast)]
+
+
+def _gaman_sync_options() -> dict:
+    # gaman_sync sets TCP_NODELAY itself, and compresses only when offered
+    # (the load generator offers only in the -deflate scenarios). With
+    # GAMAN_BENCH_REDIS (run.py's broadcast-redis), broadcasts go through Redis.
+    options = dict(backlog=BACKLOG, max_message_size=MESSAGE_LIMIT,
+                   ping_interval=None, max_connections=20000)
     context = tls_context()
-    server = WebSocketServer(
-        [define_block("/echo", echo), define_block("/broadcast", broadcast)],
-        host=HOST, port=0, backlog=BACKLOG, max_message_size=MESSAGE_LIMIT,
-        ping_interval=None, max_connections=20000,
-        **({"ssl_context": context} if context is not None else {}))
+    if context is not None:
+        options["ssl_context"] = context
+    if os.environ.get("GAMAN_BENCH_REDIS"):
+        from gaman_sync import RedisBroker
+        options["broker"] = RedisBroker(os.environ["GAMAN_BENCH_REDIS"])
+    return options
+
+
+def run_gaman_sync() -> None:
+    from gaman_sync import WebSocketServer
+
+    server = WebSocketServer(_gaman_sync_blocks(), host=HOST, port=0, **_gaman_sync_options())
     server.start()
     ready(server.port)
     wait_forever()
+
+
+def run_gaman_sync_workers(count: int) -> None:
+    """``serve(workers=count)``: READY once the supervisor logs that every
+    worker listens (its log line names the port)."""
+    import re
+
+    from gaman_sync import serve
+
+    class Ready(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            found = re.match(r"\d+ worker\(s\) listening on .*:(\d+)$", record.getMessage())
+            if found:
+                ready(int(found.group(1)))
+
+    log = logging.getLogger("gaman_sync")
+    log.setLevel(logging.INFO)
+    log.addHandler(Ready())
+    serve(_gaman_sync_blocks(), host=HOST, port=0, workers=count, **_gaman_sync_options())
 
 
 # -- websockets, threads -------------------------------------------------------
@@ -499,6 +544,7 @@ def run_tcp_echo_wsproto_asyncio() -> None:
 
 SERVERS = {
     "gaman_sync": run_gaman_sync,
+    "gaman_sync-workers2": lambda: run_gaman_sync_workers(2),
     "websockets-sync": run_websockets_sync,
     "websockets-asyncio": run_websockets_asyncio,
     "simple-websocket": run_simple_websocket,

@@ -13,6 +13,8 @@ Layers, each a folder, each importing only the ones below it:
 - :mod:`~gaman_sync.connection`: the engine they share (the connection's
   thread, write path, keepalive, closing, and the callbacks it dispatches);
 - :mod:`~gaman_sync.io`: transports and the shared threads;
+- :mod:`~gaman_sync.broker`: what carries broadcasts to the other processes
+  of an application (Redis pub/sub), beside ``io``;
 - :mod:`~gaman_sync.protocol`: sans-IO frames, handshakes and the state
   machine (wsproto and h11 underneath; no socket, no thread).
 
@@ -45,6 +47,8 @@ _EXPORTS = {
     "InvalidMessage": "exceptions", "HandshakeTimeout": "exceptions",
     "InvalidRedirect": "exceptions", "InvalidCertificate": "io.tls",
     "WebSocketMiddleware": "wsgi",
+    "Broker": "broker", "LocalBroker": "broker", "RedisBroker": "broker",
+    "BrokerUnavailable": "broker",
 }
 # GamanJS's names for ours.
 _ALIASES = {"WebSocketContext": ("server", "ServerConnection")}
@@ -70,6 +74,7 @@ def __dir__() -> list:
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from .app import Block, define_block
+    from .broker import Broker, BrokerUnavailable, LocalBroker, RedisBroker
     from .client import ClientConnection, connect
     from .connection import Connection, ReadyState, WebSocketHandler
     from .exceptions import (ConnectionClosed, ConnectionClosedError, ConnectionClosedOK,

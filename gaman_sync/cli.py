@@ -30,9 +30,11 @@ import sys
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence
 
 from .app import Block
+from .broker import BrokerUnavailable, RedisBroker
 from .client.__main__ import main as client_main
 from .options import MiB, Options, check_port
-from .server import WebSocketServer, serve_until_signalled
+from .server import WebSocketServer, serve, serve_until_signalled
+from .server.processes import WorkersFailed, check_workers
 from .version import __version__
 
 __all__ = ["main", "load_blocks", "build_parser", "served_urls"]
@@ -217,7 +219,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="require client certificates signed by these CAs "
                              "(default: none asked)")
 
+    scale = parser.add_argument_group("several processes")
+    scale.add_argument("--workers", type=_count, metavar="N",
+                       help="N server processes on the port, supervised by this one "
+                            "(Linux; default: one server in this process)")
+    scale.add_argument("--redis", metavar="URL",
+                       help="share broadcasts with the other processes through Redis "
+                            "(e.g. redis://127.0.0.1:6379/0; needs pip install "
+                            "'gaman_sync[redis]'; default: off)")
+
     conn = parser.add_argument_group("connections")
+    conn.add_argument("--compression", choices=["deflate", "none"], default="deflate",
+                      help="permessage-deflate with clients that offer it "
+                           "(default %(default)s)")
     conn.add_argument("--max-message-size", type=_bytes, metavar="BYTES",
                       default=defaults.max_message_size,
                       help=f"largest incoming message; larger closes with 1009 "
@@ -262,6 +276,7 @@ def _server_options(args: argparse.Namespace) -> Dict[str, Any]:
         "max_message_size", "max_connections", "ping_interval", "ping_timeout",
         "close_timeout", "shutdown_timeout")}
     options["health_path"] = args.health_path
+    options["compression"] = None if args.compression == "none" else args.compression
     options["access_log"] = args.access_log
     options["stats_interval"] = args.stats_interval
     return options
@@ -294,8 +309,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return client_main(args_list[1:], prog=f"{PROG} connect")
     parser = build_parser()
     args = parser.parse_args(args_list)
+    if args.workers is not None:
+        try:
+            check_workers(args.workers)
+        except ValueError as exc:
+            parser.error(f"--workers: {exc}")
+    # With workers, each line says which process wrote it.
     logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s %(levelname)s %(name)s"
+                        + ("[%(process)d]" if args.workers else "") + ": %(message)s")
 
     blocks: List[Block] = []
     for spec in args.blocks:
@@ -307,9 +329,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ssl_context = tls_context(args.certfile, args.keyfile, args.ca_certs)
     except ValueError as exc:
         parser.error(str(exc))
+    broker_options: Dict[str, Any] = {}
+    if args.redis is not None:
+        try:
+            broker_options["broker"] = RedisBroker(args.redis)
+        except (ImportError, ValueError) as exc:
+            parser.error(f"--redis: {exc}")
     try:
         server = WebSocketServer(blocks, host=args.host, port=args.port,
-                                 ssl_context=ssl_context, **_server_options(args))
+                                 ssl_context=ssl_context, **broker_options,
+                                 **_server_options(args))
     except (ValueError, TypeError) as exc:  # two blocks on one path, say
         parser.error(str(exc))
 
@@ -318,7 +347,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             logger.info("serving %s", url)
 
     try:
-        serve_until_signalled(server, ready)
+        if args.workers is not None:
+            # The server above checked the arguments; each worker makes its own.
+            serve(blocks, host=args.host, port=args.port, workers=args.workers,
+                  ssl_context=ssl_context, **broker_options, **_server_options(args))
+        else:
+            serve_until_signalled(server, ready)
+    except WorkersFailed as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    except BrokerUnavailable as exc:
+        parser.error(f"--redis: {exc}")
     except OSError as exc:  # the port is taken, the address is not ours, ...
         if server.listening or server.wait_for_shutdown_request(0):
             raise

@@ -103,12 +103,15 @@ class InvalidStatus(InvalidHandshake):
     @property
     def headers(self) -> Any:
         """The response's headers (case-insensitive)."""
-        return getattr(self.response, "headers")
+        # getattr: response is an object here (this module imports nothing
+        # of the protocol layer, where Response lives).
+        return getattr(self.response, "headers")  # noqa: B009
 
     @property
     def body(self) -> bytes:
         """The first bytes of the response's body."""
-        return getattr(self.response, "body")
+        body: bytes = getattr(self.response, "body")  # noqa: B009
+        return body
 
 
 class InvalidHeader(InvalidHandshake):

@@ -147,8 +147,13 @@ class Options:
             else:
                 _check_size(f.name, value, optional=f.name == "max_message_size")
 
+    @property
+    def deflate(self) -> Optional[Deflate]:
+        """:attr:`compression` as it is once checked: a :class:`Deflate` or None."""
+        return self.compression if isinstance(self.compression, Deflate) else None
+
     @classmethod
-    def from_kwargs(cls, options: Dict[str, Any]) -> "Options":
+    def from_kwargs(cls, options: Dict[str, Any]) -> Options:
         """Build options from keyword arguments, naming any unknown one."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(options) - known)

@@ -62,7 +62,18 @@ from __future__ import annotations
 import base64
 import struct
 from dataclasses import dataclass, field
-from typing import Dict, FrozenSet, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    FrozenSet,
+    List,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 from urllib.parse import quote
 
 try:
@@ -386,7 +397,7 @@ def _invalid_frames(draw: st.DrawFn, client: bool) -> FrameSpec:
     fault = draw(st.sampled_from(["rsv", "opcode", "continuation", "masking", "control-fin",
                                   "control-length", "close-1-byte", "close-code",
                                   "close-reason", "text-utf8"]))
-    change: dict
+    change: Dict[str, Any]
     if fault == "rsv":
         change = dict(rsv=draw(st.integers(1, 7)), expected_close=1002,
                       why="a reserved bit set, with no extension agreed")
@@ -474,7 +485,7 @@ class HandshakeRequest(NamedTuple):
     why: str = ""
 
 
-_CASINGS = (str, str.lower, str.upper)
+_CASINGS: Tuple[Callable[[str], str], ...] = (str, str.lower, str.upper)
 
 
 @st.composite

@@ -107,7 +107,7 @@ import ssl
 import sys
 import threading
 import weakref
-from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union, cast
 from urllib.parse import quote, urlsplit
 
 from .protocol import Headers, Request
@@ -121,7 +121,7 @@ __all__ = ["WebSocketMiddleware", "mount", "shutdown_on_sigterm", "gunicorn_post
 
 logger = logging.getLogger("gaman_sync")
 
-Environ = dict
+Environ = Dict[str, Any]
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
 
@@ -135,7 +135,7 @@ _SWITCHED = "101 Switching Protocols"
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "te", "trailer"})
 
 # Every middleware not yet shut down: the SIGTERM handler shuts them down.
-_live: "weakref.WeakSet[WebSocketMiddleware]" = weakref.WeakSet()
+_live: weakref.WeakSet[WebSocketMiddleware] = weakref.WeakSet()
 
 
 class WebSocketMiddleware:
@@ -195,7 +195,8 @@ class WebSocketMiddleware:
             # the connection (this thread), which then answers.
             subprotocol, response = None, None
         else:
-            offered = view.endpoint.subprotocols
+            # a tuple: a subprotocol function would make the view decide
+            offered = cast(Tuple[str, ...], view.endpoint.subprotocols)
             subprotocol = next((p for p in request.subprotocols if p in offered), None)
             response = accept_response(key, subprotocol)
         try:
@@ -344,7 +345,7 @@ def _socket_of(environ: Environ) -> socket.socket:
 def _read_ahead(environ: Environ, sock: socket.socket) -> bytes:
     """Bytes the WSGI server read past the request (a client's first frames,
     sent without waiting for the 101), taken from its buffer."""
-    stream = environ.get("wsgi.input")
+    stream: Any = environ.get("wsgi.input")  # a file-like object, or None
     # gunicorn: the request's body reader sits on the connection's read-ahead.
     take = getattr(getattr(getattr(stream, "reader", None), "unreader", None),
                    "take_buffered", None)

@@ -37,7 +37,8 @@ class Recorder:
             self.events.append(event)
             self.cond.notify_all()
 
-    def wait_for(self, predicate: Callable[[List[tuple]], bool], timeout: float = WAIT) -> List[tuple]:
+    def wait_for(self, predicate: Callable[[List[tuple]], bool],
+                 timeout: float = WAIT) -> List[tuple]:
         with self.cond:
             if not self.cond.wait_for(lambda: predicate(self.events), timeout):
                 raise AssertionError(f"timed out waiting; events so far: {self.events!r}")

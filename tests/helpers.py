@@ -19,7 +19,6 @@ from gaman_sync.testing import TEXT, MultiReader, RawPeer, connect_many, raise_n
 
 from .conftest import WAIT, Recorder
 
-
 # -- The server side of a test: a block that records what user code sees ----
 
 class RecordingBlock:
@@ -187,7 +186,7 @@ def _room_clients_run(port, path, n_clients, n_senders, n_messages, sizes, windo
                 for seq in range(n_messages):
                     if seq >= window:
                         low = seq - window
-                        reader.wait_for(lambda: client.user["next"][index] > low,
+                        reader.wait_for(lambda: client.user["next"][index] > low,  # noqa: B023 (called now)
                                         what=f"sender {index} to get its message {low} back")
                     client.send_text(expected[index][seq].decode())
             except BaseException as exc:

@@ -10,9 +10,8 @@ import pytest
 from websockets.exceptions import ConnectionClosed as ClientClosed
 from websockets.sync.client import connect
 
+from gaman_sync import ConnectionClosed, ReadyState, WebSocketHandler, WebSocketServer, define_block
 from gaman_sync import connect as gaman_connect
-from gaman_sync import (ConnectionClosed, ReadyState, WebSocketHandler, WebSocketServer,
-                        define_block)
 
 from .conftest import WAIT, Recorder
 

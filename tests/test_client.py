@@ -33,9 +33,16 @@ from websockets.exceptions import ConnectionClosed as WsClosed
 from websockets.sync.server import serve as ws_serve
 
 import gaman_sync
-from gaman_sync import (ConnectionClosed, ConnectionClosedError,
-                        HandshakeTimeout, InvalidHandshake, InvalidHeader, InvalidStatus,
-                        InvalidURI, define_block)
+from gaman_sync import (
+    ConnectionClosed,
+    ConnectionClosedError,
+    HandshakeTimeout,
+    InvalidHandshake,
+    InvalidHeader,
+    InvalidStatus,
+    InvalidURI,
+    define_block,
+)
 from gaman_sync.protocol.handshake import accept_token
 
 from .conftest import WAIT, Recorder, child
@@ -62,7 +69,7 @@ class Peer:
     def close_seen(self) -> Tuple[int, str]:
         """The code and reason the server's side of the connection ended with."""
         events = self.events.wait_kind("close")
-        return [e[1:] for e in events if e[0] == "close"][0]
+        return next(e[1:] for e in events if e[0] == "close")
 
 
 def _command(message: Any) -> Optional[Tuple[str, str]]:
@@ -777,7 +784,7 @@ class RawServer:
         if self.error is not None:
             raise self.error
 
-    def __enter__(self) -> "RawServer":
+    def __enter__(self) -> RawServer:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:

@@ -21,9 +21,16 @@ import pytest
 import gaman_sync.connection
 import gaman_sync.server
 from gaman_sync import ConnectionClosed, ReadyState, SendTimeout, define_block
-
-from gaman_sync.testing import (BINARY, CLOSE, PING, TEXT, RawPeer, connect_many, parse_close,
-                                raise_nofile)
+from gaman_sync.testing import (
+    BINARY,
+    CLOSE,
+    PING,
+    TEXT,
+    RawPeer,
+    connect_many,
+    parse_close,
+    raise_nofile,
+)
 
 from .conftest import WAIT
 from .helpers import RoomClients, room_payload
@@ -279,7 +286,7 @@ def test_broadcast_encodes_the_frame_once(make_server, monkeypatch):
         assert calls == {"server": 5, "connection": 0}
         for client in clients:
             got = []
-            client.read_until(lambda: len(got) == 5, lambda f: got.append((f.opcode, f.payload)))
+            client.read_until(lambda: len(got) == 5, lambda f: got.append((f.opcode, f.payload)))  # noqa: B023 (called now)
             assert got == [(TEXT, f"hello {i}".encode()) for i in range(5)]
     finally:
         for client in clients:
@@ -540,7 +547,7 @@ def test_send_after_connection_lost_raises(make_server, how):
     assert ctx.ready_state is ReadyState.CLOSED
     outcome = []
     for call in (lambda: ctx.send("late"), lambda: ctx.send(b"late"), lambda: ctx.ping()):
-        thread = threading.Thread(target=lambda: _capture(outcome, call))
+        thread = threading.Thread(target=_capture, args=(outcome, call))
         thread.start()
         thread.join(WAIT)
     client.close()
@@ -609,7 +616,7 @@ def test_close_frame_of_a_send_is_never_split(make_server):
         assert closes == [len(frames) - 1], "the close frame is not last, or not alone"
         assert parse_close(frames[-1][1]) == (4000, "enough")
         per_thread: Dict[int, List[int]] = {}
-        for opcode, data in ((f.opcode, f.payload) for f in frames[:-1]):
+        for _opcode, data in ((f.opcode, f.payload) for f in frames[:-1]):
             tid, seq, _ = data.decode().split(":")
             per_thread.setdefault(int(tid), []).append(int(seq))
         for tid, sent in results.items():

@@ -20,12 +20,18 @@ import pytest
 from websockets.exceptions import InvalidStatus as WsInvalidStatus
 from websockets.sync.client import reconnect as ws_reconnect
 
-from gaman_sync import (Accept, InvalidRedirect, InvalidStatus, Redirect, Reject, connect,
-                        define_block)
+from gaman_sync import (
+    Accept,
+    InvalidRedirect,
+    InvalidStatus,
+    Redirect,
+    Reject,
+    connect,
+    define_block,
+)
 from gaman_sync.client.client import next_hop
 
 from .conftest import WAIT, Recorder
-
 
 # -- Helpers ------------------------------------------------------------------
 
@@ -316,9 +322,9 @@ def test_redirect_chain_relative_and_absolute(make_server):
     host = f"127.0.0.1:{chain.server.port}"
     extra = ("https://app.example", "t1", ["chat"])
     assert hops.events == [
-        (base + "/b?step=1", "GET", "/b?step=1", host) + extra,
-        (base + "/x/y?step=2", "GET", "/x/y?step=2", host) + extra,
-        (base + "/d?step=2", "GET", "/d?step=2", host) + extra,
+        (base + "/b?step=1", "GET", "/b?step=1", host, *extra),
+        (base + "/x/y?step=2", "GET", "/x/y?step=2", host, *extra),
+        (base + "/d?step=2", "GET", "/d?step=2", host, *extra),
     ]
     assert chain.seen.events == [("open", "/d?step=2", {})]
     assert chain.server_calls.wait_for(lambda ev: len(ev) >= 3) == [
@@ -328,7 +334,8 @@ def test_redirect_chain_relative_and_absolute(make_server):
     client, ws = ws_open(base + "/a")  # websockets' client follows the same chain
     with ws:
         roundtrip(ws)
-    assert client.redirects == [(307, "b?step=1"), (301, f"{base}/x/y?step=2"), (308, "../d?step=2")]
+    assert client.redirects == [(307, "b?step=1"), (301, f"{base}/x/y?step=2"),
+                                (308, "../d?step=2")]
 
 
 def test_a_handlers_on_redirect_is_called_by_connect(make_server):

@@ -189,7 +189,7 @@ def test_command_line_client_sends_lines_and_prints_answers(make_server):
                              f"ws://127.0.0.1:{server.port}/echo"],
                             cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, encoding="utf-8")
-    lines: "queue.Queue[str]" = queue.Queue()
+    lines: queue.Queue[str] = queue.Queue()
     reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout],
                               daemon=True)
     reader.start()
@@ -228,7 +228,7 @@ def test_legacy_loop_broadcasts_readings_and_stops_on_ctrl_c():
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        lines: "queue.Queue[str]" = queue.Queue()
+        lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout],
                          daemon=True).start()
         first = lines.get(timeout=WAIT)
@@ -257,10 +257,9 @@ def test_legacy_loop_broadcasts_readings_and_stops_on_ctrl_c():
 def test_redirect_example_follows_the_old_path(make_server):
     """examples/redirect.py: /chat/:room is redirected (308) to /rooms/:room
     with the room and the query; our client follows and reports each hop."""
+    from examples import redirect
     from gaman_sync import InvalidStatus
     from gaman_sync import connect as our_connect
-
-    from examples import redirect
 
     server = make_server(redirect.blocks)
     base = f"ws://127.0.0.1:{server.port}"
@@ -301,10 +300,9 @@ def test_auth_example_refuses_without_a_token_and_names_the_user(make_server):
     in the query or a header, the user's name is on ctx."""
     from websockets.exceptions import InvalidStatus as WsInvalidStatus
 
+    from examples import auth
     from gaman_sync import InvalidStatus
     from gaman_sync import connect as our_connect
-
-    from examples import auth
 
     server = make_server(auth.block)
     url = f"ws://127.0.0.1:{server.port}/private"

@@ -71,7 +71,7 @@ def exchange(server, data: bytes, caplog, half_close: bool = False,
     with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         port = sock.getsockname()[1]
-        cuts = [0] + sorted(pieces or []) + [len(data)]
+        cuts = [0, *sorted(pieces or []), len(data)]
         try:
             for a, b in zip(cuts, cuts[1:]):
                 if b > a:
@@ -89,7 +89,7 @@ def exchange(server, data: bytes, caplog, half_close: bool = False,
             except ConnectionResetError:
                 break
             except socket.timeout:
-                raise AssertionError(f"the server neither answered nor closed: {raw!r}")
+                raise AssertionError(f"the server neither answered nor closed: {raw!r}") from None
             if not chunk:
                 break
             raw += chunk
@@ -212,7 +212,7 @@ def test_headers_over_max_request_size_get_431(hs, caplog):
 
 
 def test_unfinished_headers_over_max_request_size_get_431(hs, caplog):
-    server, rb = hs(max_request_size=1024)
+    server, _rb = hs(max_request_size=1024)
     data = replace_header(GOOD, "X-Padding", "p" * 2000)[:1500]  # no end of headers
     ex = exchange(server, data, caplog)
     assert_rejected(ex, 431)
@@ -228,7 +228,7 @@ def test_headers_just_under_max_request_size_pass(hs, caplog):
 
 
 def test_client_that_closes_before_a_request_costs_nothing(hs, caplog):
-    server, rb = hs()
+    server, _rb = hs()
     ex = exchange(server, b"", caplog, half_close=True)
     assert ex.raw == b""
     ex = exchange(server, b"GET /echo HTTP/1.1\r\nHost: x\r\n", caplog, half_close=True)
@@ -379,7 +379,7 @@ def test_fuzzed_requests_get_an_http_error_or_a_close(hs, caplog, data):
     # the server must survive them all.
     if not hasattr(hs, "fuzz_server"):
         hs.fuzz_server = hs(handshake_timeout=2.0, max_request_size=2048)
-    server, rb = hs.fuzz_server
+    server, _rb = hs.fuzz_server
     caplog.clear()
     ex = exchange(server, data, caplog, half_close=True)
     assert_no_traceback(ex.records)

@@ -27,7 +27,6 @@ from typing import Callable, List, Set, Tuple
 import pytest
 
 from gaman_sync import define_block
-
 from gaman_sync.testing import BINARY, PING, TEXT, RawPeer, close_frame, frame, handshake_request
 
 from .conftest import WAIT
@@ -349,7 +348,7 @@ def test_out_of_descriptors_backs_off_and_recovers():
     proc = subprocess.Popen([sys.executable, "-c", EMFILE_SERVER], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    stderr_lines: "queue.Queue[str]" = queue.Queue()
+    stderr_lines: queue.Queue[str] = queue.Queue()
     all_stderr: List[str] = []
 
     def pump():
@@ -366,7 +365,7 @@ def test_out_of_descriptors_backs_off_and_recovers():
             try:
                 line = stderr_lines.get(timeout=max(deadline - time.monotonic(), 0.01))
             except queue.Empty:
-                raise AssertionError(f"no {text!r} in the server's log: {all_stderr}")
+                raise AssertionError(f"no {text!r} in the server's log: {all_stderr}") from None
             if text in line:
                 return line
 

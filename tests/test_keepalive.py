@@ -15,7 +15,6 @@ import pytest
 from websockets.sync.client import connect
 
 from gaman_sync import define_block
-
 from gaman_sync.testing import CLOSE, PING, MultiReader, RawPeer, connect_many, parse_close
 
 from .conftest import WAIT

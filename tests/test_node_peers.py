@@ -71,7 +71,7 @@ class NodePeer:
         self.stack = contextlib.ExitStack()
         self.proc = self.stack.enter_context(
             child(["node", str(NODE_DIR / "peer.js"), json.dumps(config)]))
-        self.events: "queue.Queue[Dict[str, Any]]" = queue.Queue()
+        self.events: queue.Queue[Dict[str, Any]] = queue.Queue()
         self.seen: List[Dict[str, Any]] = []  # read, not yet expected
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()

@@ -28,8 +28,15 @@ import pytest
 from hypothesis import HealthCheck, find, given, settings
 from hypothesis import strategies as st
 
-from gaman_sync.strategies import (PING, FrameSpec, chunkings, control_payloads, fragmentations,
-                                   messages, text_messages)
+from gaman_sync.strategies import (
+    PING,
+    FrameSpec,
+    chunkings,
+    control_payloads,
+    fragmentations,
+    messages,
+    text_messages,
+)
 from gaman_sync.testing.raw import BINARY, CONT, PONG, TEXT, Frame, PeerClosed, RawPeer
 
 from .test_client import websockets_server  # the server under test, not the toolkit

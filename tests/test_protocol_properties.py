@@ -19,8 +19,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gaman_sync.testing import (BINARY, CLOSE, CONT, PING, PONG, TEXT, RawPeer, chunks,
-                                close_frame, frame)
+from gaman_sync.testing import (
+    BINARY,
+    CLOSE,
+    CONT,
+    PING,
+    PONG,
+    TEXT,
+    RawPeer,
+    chunks,
+    close_frame,
+    frame,
+)
 
 from .helpers import RecordingBlock, utf8_error_at
 

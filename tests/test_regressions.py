@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from websockets.exceptions import ConnectionClosedError
 from websockets.sync.client import connect
 
 from examples import chat
@@ -67,7 +68,7 @@ def test_async_functions_are_refused_clearly(make_server):
 
     server = make_server(define_block("/", lambda ctx: {"on_message": on_message}))
     with connect(f"ws://127.0.0.1:{server.port}/") as ws:
-        with pytest.raises(Exception):
+        with pytest.raises(ConnectionClosedError):  # the handler's 1011
             ws.recv(timeout=WAIT)
         assert ws.close_code == 1011
 

@@ -18,8 +18,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gaman_sync.strategies import control_payloads, fragmentations, messages
-from gaman_sync.testing import (BINARY, CLOSE, CONT, PING, PONG, TEXT, RawPeer, chunks,
-                                close_frame, frame)
+from gaman_sync.testing import (
+    BINARY,
+    CLOSE,
+    CONT,
+    PING,
+    PONG,
+    TEXT,
+    RawPeer,
+    chunks,
+    close_frame,
+    frame,
+)
 
 from .conftest import WAIT
 from .helpers import RecordingBlock, utf8_error_at
@@ -120,7 +130,7 @@ def test_5_2_every_length_class_echoes(echo, opcode, n):
 @pytest.mark.parametrize("opcode", [TEXT, BINARY])
 def test_5_2_several_mib_up_to_the_limit(serve, opcode):
     limit = 4 * MiB
-    server, rb = serve(max_message_size=limit)
+    server, _rb = serve(max_message_size=limit)
     payload = text_of_size(limit).encode() if opcode == TEXT else os.urandom(limit)
     with open_client(server, timeout=WAIT) as client:
         client.send_frame(opcode, payload)
@@ -244,7 +254,7 @@ def test_5_valid_traffic_before_a_bad_frame_is_handled_first(echo, name):
 @settings(max_examples=60)
 @given(data=st.data(), message=messages(max_size=3000))
 def test_5_4_any_fragmentation_echoes_the_whole_message(echo, data, message):
-    server, rb = echo
+    server, _rb = echo
     fragments = data.draw(fragmentations(message), label="fragments")
     pings = data.draw(st.lists(control_payloads(), max_size=len(fragments) - 1), label="pings")
     stream = b""
@@ -343,7 +353,7 @@ def test_5_5_2_ping_is_answered_with_an_identical_pong(echo, n):
 @pytest.mark.parametrize("opcode", [PING, PONG, CLOSE])
 @pytest.mark.parametrize("n,form", [(126, None), (125, 2), (65536, None)])
 def test_5_5_control_frame_over_125_bytes_fails(echo, opcode, n, form):
-    server, rb = echo
+    server, _rb = echo
     payload = struct.pack("!H", 1000) + b"r" * (n - 2) if opcode == CLOSE else b"p" * n
     with open_client(server) as client:
         # With a 16-bit length form, even 125 bytes announce themselves as "long".
@@ -454,7 +464,7 @@ def test_8_1_fragmented_text_fails_fast_at_the_invalid_fragment(echo, bad):
     message. The fragment that ends right at the byte that makes the text
     invalid (found by an independent validator) is the last thing sent;
     the client then waits, sending nothing, for the 1007."""
-    server, rb = echo
+    server, _rb = echo
     data = "κόσμε ".encode() + bad + b" and more"
     at = utf8_error_at(data, final=False)
     assert at is not None
@@ -474,7 +484,7 @@ def test_8_1_fragmented_text_fails_fast_at_the_invalid_fragment(echo, bad):
                          ids=lambda b: b.hex())
 def test_8_1_single_frame_fails_fast_before_its_end(echo, bad):
     """One frame announcing more than is sent: the invalid bytes alone must fail it."""
-    server, rb = echo
+    server, _rb = echo
     data = b"valid " + bad
     at = utf8_error_at(data, final=False)
     with open_client(server) as client:
@@ -598,7 +608,7 @@ def test_7_1_1_server_closes_tcp_within_close_timeout_if_never_answered(serve):
 
 
 def test_7_server_ignores_pings_and_data_after_its_own_close(serve):
-    server, rb = serve(close_timeout=5.0)
+    server, _rb = serve(close_timeout=5.0)
     with open_client(server) as client:
         client.send_frame(TEXT, RecordingBlock.COMMAND + "close:4003")
         assert client.expect_close().close_code() == 4003
@@ -662,7 +672,7 @@ def test_10_4_fragments_over_the_limit_fail_at_the_crossing_fragment(serve):
 
 
 def test_10_4_message_exactly_at_the_limit_passes(serve):
-    server, rb = serve(max_message_size=1000)
+    server, _rb = serve(max_message_size=1000)
     with open_client(server) as client:
         client.send(frame(TEXT, "x" * 600, fin=False) + frame(CONT, "y" * 400))
         expect_echo(client, TEXT, b"x" * 600 + b"y" * 400)
@@ -674,7 +684,7 @@ def test_10_4_message_exactly_at_the_limit_passes(serve):
 def test_10_4_text_over_the_limit_counts_bytes_not_decoded_characters(serve):
     """The limit is in bytes on the wire. A fragment that takes the text over
     it while ending inside a character is over the limit all the same."""
-    server, rb = serve(max_message_size=10)
+    server, _rb = serve(max_message_size=10)
     with open_client(server) as client:
         client.send_frame(TEXT, b"a" * 10 + b"\xc3", fin=False)  # 11 bytes > 10
         client.send_frame(PING, b"after")
@@ -683,7 +693,7 @@ def test_10_4_text_over_the_limit_counts_bytes_not_decoded_characters(serve):
 
 
 def test_10_4_the_limit_leaves_other_connections_alone(serve):
-    server, rb = serve(max_message_size=1000)
+    server, _rb = serve(max_message_size=1000)
     with open_client(server, path="/echo?id=bystander") as bystander, \
             open_client(server) as client:
         client.send(frame(BINARY, b"", length=1001))

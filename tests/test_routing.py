@@ -243,7 +243,7 @@ def test_params_and_query_reach_the_handler(make_server):
         with connect(base + target, open_timeout=WAIT) as ws:
             ws.send("ping")
             assert ws.recv(timeout=WAIT) == "ping"
-        events = seen.wait_for(lambda ev: len(ev) > before)
+        events = seen.wait_for(lambda ev: len(ev) > before)  # noqa: B023 (called now)
         assert events[-1] == ("request", path, params, query), target
 
 

@@ -19,11 +19,21 @@ from typing import List, Optional, Tuple
 
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition, rule,
-                                 run_state_machine_as_test)
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
-from gaman_sync.strategies import (binary_messages, close_codes, close_reasons, control_payloads,
-                                   text_messages)
+from gaman_sync.strategies import (
+    binary_messages,
+    close_codes,
+    close_reasons,
+    control_payloads,
+    text_messages,
+)
 from gaman_sync.testing import BINARY, CONT, PING, PONG, TEXT, RawPeer, chunks, close_frame, frame
 
 from .helpers import RecordingBlock

@@ -16,10 +16,9 @@ from typing import Dict, List, Optional
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition, rule)
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from gaman_sync import ConnectionClosed, ReadyState, WebSocketServer, define_block
-
 from gaman_sync.testing import CLOSE, TEXT, RawPeer, connect_many, handshake_request
 
 from .conftest import WAIT
@@ -284,7 +283,7 @@ class ClientsMachine(RuleBasedStateMachine):
                 else:
                     model.on_frame(frame)
 
-            model.raw.read_until(lambda: bool(seen), on_frame)
+            model.raw.read_until(lambda: bool(seen), on_frame)  # noqa: B023 (called now)
             # A source it joined in the middle of: it got a tail of it, in order.
             for source, batch in model.joined_during.items():
                 got = model.received.get(source, [])

@@ -18,8 +18,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gaman_sync import ConnectionClosed, define_block
-from gaman_sync.testing import (PING, PONG, TEXT, RawPeer, ReceiveTimeout, TestClient, frame,
-                                fragmented, run_server)
+from gaman_sync.testing import (
+    PING,
+    PONG,
+    TEXT,
+    RawPeer,
+    ReceiveTimeout,
+    TestClient,
+    fragmented,
+    frame,
+    run_server,
+)
 
 from .conftest import WAIT, Recorder
 from .test_hostile import open_fds, wait_until
@@ -129,7 +138,7 @@ def test_expect_shows_kind_and_first_difference():
         assert "got text of 6: 'ABCDEF'" in str(info.value)
         assert "first difference at index 3" in str(info.value)
         client.send(b"ab")
-        with pytest.raises(AssertionError, match="(?s)expected text of 2: 'ba'.*got binary"):
+        with pytest.raises(AssertionError, match=r"(?s)expected text of 2: 'ba'.*got binary"):
             client.expect("ba")
 
 
@@ -137,7 +146,7 @@ def test_recv_times_out_quickly_and_expect_close_checks_the_code():
     log = Recorder()
     with TestClient.local(make_block(log), "/rules", timeout=0.2) as client:
         start = time.monotonic()
-        with pytest.raises(ReceiveTimeout, match="no message within 0.2 s"):
+        with pytest.raises(ReceiveTimeout, match=r"no message within 0\.2 s"):
             client.recv()
         assert time.monotonic() - start < 2.0
         assert client.ping(b"p", timeout=WAIT) < WAIT

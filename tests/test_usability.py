@@ -118,7 +118,7 @@ def test_serious_1_clients_holds_only_open_connections(make_server):
     clients = [_connect(server.port, "/") for _ in range(3)]
     try:
         _wait(lambda: len(view.clients) == 3, what="three clients")
-        first, middle, last = sorted(conns)
+        _first, middle, _last = sorted(conns)
         clients[1].answer_close = False  # never answers: stays closing for close_timeout
         conns[middle].close(4000)
         assert middle not in [c.id for c in view.clients]
@@ -132,7 +132,7 @@ def test_serious_1_clients_holds_only_open_connections(make_server):
         assert view.broadcast("broadcast") == 2  # no raise; the closing client skipped
         for client in (clients[0], clients[2]):
             got: List[tuple] = []
-            client.read_until(lambda: len(got) >= 2, _data(got))
+            client.read_until(lambda: len(got) >= 2, _data(got))  # noqa: B023 (called now)
             assert got == [(TEXT, b"to the open ones"), (TEXT, b"broadcast")]
     finally:
         for client in clients:
@@ -212,9 +212,9 @@ def test_serious_4_readme_run_command_uses_the_c_helper_and_says_so():
 
 def test_errors_1_options_of_the_wrong_type_name_the_option():
     block = define_block("/", lambda ctx: {})
-    with pytest.raises(TypeError, match="ping_interval.*seconds"):
+    with pytest.raises(TypeError, match=r"ping_interval.*seconds"):
         WebSocketServer(block, port=0, ping_interval="5")
-    with pytest.raises(TypeError, match="max_message_size.*int"):
+    with pytest.raises(TypeError, match=r"max_message_size.*int"):
         WebSocketServer(block, port=0, max_message_size=2.5)
 
 

@@ -38,25 +38,33 @@ from gaman_sync.wsgi import WebSocketMiddleware
 
 from . import wsgi_app
 from .conftest import WAIT
+
 # The standalone server's protocol checks, run again against a mounted block
 # (with this module's make_server): framing, close codes, 1007, 1009, and the
 # stalled reader cut from broadcast.
 from .test_concurrency import test_stalled_client_does_not_hold_up_broadcasts  # noqa: F401
 from .test_rfc6455 import (  # noqa: F401
-    echo, serve, test_4_2_2_accept_key_and_frames_in_the_handshake_segment,
-    test_5_2_every_length_class_echoes, test_5_2_many_frames_in_one_segment,
+    echo,
+    serve,
+    test_4_2_2_accept_key_and_frames_in_the_handshake_segment,
+    test_5_2_every_length_class_echoes,
+    test_5_2_many_frames_in_one_segment,
     test_5_2_one_byte_at_a_time_behaves_as_one_segment,
-    test_5_2_reserved_bits_without_extension_fail, test_5_3_unmasked_client_frame_fails,
+    test_5_2_reserved_bits_without_extension_fail,
+    test_5_3_unmasked_client_frame_fails,
     test_5_4_fragments_arriving_separately_with_pings_between,
     test_5_5_2_ping_is_answered_with_an_identical_pong,
     test_7_1_1_server_closes_tcp_promptly_once_its_close_is_answered,
     test_7_1_1_server_closes_tcp_within_close_timeout_if_never_answered,
-    test_7_4_invalid_close_code_fails_with_1002, test_7_4_valid_close_code_is_echoed,
+    test_7_4_invalid_close_code_fails_with_1002,
+    test_7_4_valid_close_code_is_echoed,
     test_7_close_reaches_on_close_once_and_last,
     test_8_1_fragmented_text_fails_fast_at_the_invalid_fragment,
-    test_8_1_invalid_text_closes_with_1007, test_10_4_huge_announced_length_fails_at_its_header,
+    test_8_1_invalid_text_closes_with_1007,
+    test_10_4_huge_announced_length_fails_at_its_header,
     test_10_4_oversized_frame_fails_at_its_header,
-    test_10_4_the_limit_leaves_other_connections_alone)
+    test_10_4_the_limit_leaves_other_connections_alone,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -133,7 +141,7 @@ def free_port() -> int:
 
 
 def http_get(port: int, path: str = "/", headers: Optional[Dict[str, str]] = None,
-             method: str = "GET") -> "tuple[int, Dict[str, str], bytes]":
+             method: str = "GET") -> tuple[int, Dict[str, str], bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)
     try:
         conn.request(method, path, headers=headers or {})
@@ -162,7 +170,7 @@ class Gunicorn:
         self.log = log
         for _ in range(5):
             self.port = free_port()
-            self.log_file = open(log, "w") if log else subprocess.DEVNULL
+            self.log_file = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 (closed in stop)
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gunicorn", "-k", worker, "--threads", str(threads),
                  "-b", f"127.0.0.1:{self.port}", "--graceful-timeout", "10",
@@ -234,7 +242,7 @@ def werkzeug_site() -> Iterator[Site]:
 
 
 @contextlib.contextmanager
-def gunicorn_site(tmp_path: Path, **kw: Any) -> Iterator["tuple[Site, Gunicorn]"]:
+def gunicorn_site(tmp_path: Path, **kw: Any) -> Iterator[tuple[Site, Gunicorn]]:
     g = Gunicorn(log=tmp_path / "gunicorn.log", **kw)
     try:
         yield Site(g.port, "gunicorn"), g

@@ -62,7 +62,7 @@ def blocks(stats: Stats) -> list:
     return [define_block("/echo", websocket=echo), define_block("/chat", websocket=chat)]
 
 
-def make_app(**options: Any) -> "tuple[Flask, WebSocketMiddleware, Stats]":
+def make_app(**options: Any) -> tuple[Flask, WebSocketMiddleware, Stats]:
     """A new application, its middleware and its stats."""
     stats = Stats()
     flask_app = Flask(__name__)

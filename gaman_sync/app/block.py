@@ -123,7 +123,7 @@ class Block:
                 raise ValueError(f"a static block's path ends with '*', the file's path in "
                                  f"the folder: {self.path.rstrip('/')}/* , not {self.path!r}")
             responder = StaticFiles(os.fspath(self.static))
-            object.__setattr__(self, "static", responder.folder)  # type: ignore[attr-defined]
+            object.__setattr__(self, "static", responder.folder)
         elif self.http is not None:
             if not callable(self.http):
                 raise TypeError(f"http must be a function (request) -> (status, headers, "
@@ -134,7 +134,7 @@ class Block:
             return
         object.__setattr__(self, "http", responder)
 
-    def handler_for(self, ctx: "ServerConnection") -> WebSocketHandler:
+    def handler_for(self, ctx: ServerConnection) -> WebSocketHandler:
         """The callbacks for a new connection: ``websocket(ctx)``'s, checked."""
         assert self.websocket is not None
         return as_handler(self.websocket(ctx))
@@ -187,7 +187,7 @@ def define_block(
                         f"use [{subprotocols!r}]")
     if not callable(subprotocols):
         subprotocols = tuple(subprotocols)
-    return Block(path=path, websocket=websocket, subprotocols=subprotocols,  # type: ignore
+    return Block(path=path, websocket=websocket, subprotocols=subprotocols,
                  origins=origins, require_origin=require_origin,  # type: ignore[arg-type]
                  on_request=on_request, redirect=redirect, redirect_status=redirect_status,
                  on_redirect=on_redirect, http=http, page=page,  # type: ignore[arg-type]

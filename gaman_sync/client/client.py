@@ -65,13 +65,30 @@ import threading
 import time
 from collections import deque
 from dataclasses import fields
-from typing import (Any, Callable, Deque, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple,
-                    Union)
+from typing import (
+    Any,
+    Callable,
+    Deque,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 from urllib.parse import urljoin, urlsplit
 
 from ..connection import Connection, HandlerLike, WebSocketHandler, as_handler
-from ..exceptions import (ConnectionClosedOK, HandshakeTimeout, InvalidRedirect, InvalidStatus,
-                          InvalidURI, closed_error)
+from ..exceptions import (
+    ConnectionClosedOK,
+    HandshakeTimeout,
+    InvalidRedirect,
+    InvalidStatus,
+    InvalidURI,
+    closed_error,
+)
 from ..io import PlainTransport, Runtime
 from ..io.tls import InvalidCertificate, TLSTransport
 from ..options import SERVER_ONLY, Deflate, Options
@@ -300,7 +317,7 @@ class ClientConnection(Connection):
     def describe(self) -> str:
         return f"client connection to {self.url}"
 
-    def __enter__(self) -> "ClientConnection":
+    def __enter__(self) -> ClientConnection:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -543,7 +560,11 @@ def connect(url: str, *, subprotocols: Sequence[str] = (),
     connection's thread calls them; without, use ``recv()`` or iterate.
     Other keyword arguments are the connection options of
     :class:`~gaman_sync.Options` (``max_message_size``, ``ping_interval``,
-    ``close_timeout``, ``write_limit``, ...).
+    ``close_timeout``, ``write_limit``, ...). ``compression="deflate"`` (the
+    default) offers permessage-deflate, ``None`` does not, and a
+    :class:`~gaman_sync.Deflate` sets its parameters; an answer from the
+    server that does not fit the offer raises
+    :class:`~gaman_sync.InvalidHeader`.
 
     Redirects (301, 302, 303, 307, 308 with a ``Location``) are followed, up
     to ``max_redirects`` hops, relative locations resolved against the URL
@@ -596,7 +617,7 @@ def connect(url: str, *, subprotocols: Sequence[str] = (),
     while True:
         _, _, target, host_header, _ = _parse_url(url)
         handshake = ClientHandshake(host_header, target, offered, extra, origin,
-                                    compression=opts.compression)
+                                    compression=opts.deflate)
         try:
             transport, handshake = _handshake(url, handshake, sock, deadline, open_timeout,
                                               ssl_context)
@@ -608,7 +629,7 @@ def connect(url: str, *, subprotocols: Sequence[str] = (),
             url = next_hop(chain, location, max_redirects)
             sock = None  # a given socket served the first hop only
             if on_redirect is not None:
-                on_redirect(url, _next_request(url, offered, extra, origin, opts.compression))
+                on_redirect(url, _next_request(url, offered, extra, origin, opts.deflate))
     assert handshake.response is not None
     runtime = client_runtime()
     conn = ClientConnection(

@@ -45,7 +45,7 @@ import time
 from collections import deque
 from enum import IntEnum
 from types import FrameType
-from typing import Any, Callable, Deque, Optional, Union, cast
+from typing import Any, Callable, Deque, Optional, Tuple, Union, cast
 
 from ..exceptions import ConnectionClosed, SendTimeout, closed_error
 from ..io.runtime import Runtime
@@ -138,7 +138,8 @@ class Connection:
         self._watched = False
         self._opened = False  # the callbacks are known: on_close is owed
         self._aborted = False
-        self._abort_close: Optional[tuple] = None  # close code for a drop without the lock
+        # (code, reason, force) for a drop without the lock
+        self._abort_close: Optional[Tuple[int, str, bool]] = None
         self._finished = False
         self._reading = False  # the thread waits in recv(), not in a callback
         self._close_timer: Optional[Timer] = None
@@ -461,7 +462,7 @@ class Connection:
 
     # -- The write path ----------------------------------------------------
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: Union[bytes, memoryview]) -> None:
         """Queue or send ``data``; the caller holds ``_lock``."""
         if not data:
             return

@@ -12,7 +12,7 @@ import itertools
 import logging
 import threading
 import time
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 __all__ = ["Timers", "Timer"]
 
@@ -24,7 +24,8 @@ class Timer:
 
     __slots__ = ("when", "seq", "callback", "args", "cancelled")
 
-    def __init__(self, when: float, seq: int, callback: Callable[..., Any], args: tuple) -> None:
+    def __init__(self, when: float, seq: int, callback: Callable[..., Any],
+                 args: Tuple[Any, ...]) -> None:
         self.when = when
         self.seq = seq
         self.callback = callback
@@ -36,7 +37,7 @@ class Timer:
         self.cancelled = True
         self.callback = self.args = None  # type: ignore[assignment]
 
-    def __lt__(self, other: "Timer") -> bool:
+    def __lt__(self, other: Timer) -> bool:
         return (self.when, self.seq) < (other.when, other.seq)
 
 

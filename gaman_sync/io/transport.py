@@ -97,9 +97,10 @@ class PlainTransport(Transport):
         # Only a socket.socket proper: the C helper works on the descriptor.
         self._native = type(sock) is socket.socket
         gated = nonblocking.recv_gated if self._native else None
-        # recv is bound once per connection: the read loop calls it directly.
-        self.recv: Callable[[int], bytes] = (functools.partial(gated, sock.fileno())
-                                             if gated is not None else sock.recv)
+        # recv is bound once per connection: the read loop calls it directly
+        # (an instance attribute in the method's place, hence the ignore).
+        recv = functools.partial(gated, sock.fileno()) if gated is not None else sock.recv
+        self.recv: Callable[[int], bytes] = recv  # type: ignore[assignment]
         self._send = nonblocking.send if self._native else nonblocking.send_plain
         self._close = nonblocking.close if self._native else nonblocking.close_plain
         self._poller: Optional["select.poll"] = None  # made by the first recv_for

@@ -34,7 +34,7 @@ class Workers:
 
     def __init__(self, name: str, max_idle: int = 16, idle_timeout: float = 1.0) -> None:
         self._name = name
-        self._threads: "weakref.WeakSet[threading.Thread]" = weakref.WeakSet()
+        self._threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
         self._max_idle = max_idle
         self._idle_timeout = idle_timeout
         self._lock = threading.Lock()

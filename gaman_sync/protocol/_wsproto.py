@@ -24,8 +24,14 @@ import struct
 from typing import Any, Optional, cast
 
 import wsproto
-from wsproto.frame_protocol import (Frame, FrameDecoder, FrameProtocol, Opcode, ParseFailed,
-                                    XorMaskerSimple)
+from wsproto.frame_protocol import (
+    Frame,
+    FrameDecoder,
+    FrameProtocol,
+    Opcode,
+    ParseFailed,
+    XorMaskerSimple,
+)
 
 try:
     from .._speedups import xor_mask
@@ -136,7 +142,7 @@ class Decoder(FrameProtocol):
         if header is None or header.opcode.iscontrol():
             return so_far
         extensions = self.extensions
-        if extensions and extensions[0].compressing:
+        if extensions and getattr(extensions[0], "compressing", False):
             # Its headers announce compressed bytes: the inflater bounds it.
             return so_far
         if header.opcode is not Opcode.CONTINUATION:

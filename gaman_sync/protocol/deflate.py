@@ -42,11 +42,18 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from wsproto.extensions import Extension
-from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol, Opcode, \
-    ParseFailed, RsvBits
+from wsproto.frame_protocol import (
+    CloseReason,
+    FrameDecoder,
+    FrameProtocol,
+    Opcode,
+    ParseFailed,
+    RsvBits,
+)
 
 from ..options import Deflate
 from .frames import Data, frame_bytes
@@ -60,6 +67,7 @@ _PARAMS = ("server_no_context_takeover", "client_no_context_takeover",
            "server_max_window_bits", "client_max_window_bits")
 _BITS = {str(n): n for n in range(8, 16)}  # RFC 7692 7.1.2: "8" to "15", no leading zero
 _KEEP_FREE = 8  # idle compressors kept per pool
+_FIRST, _NEXT, _CONTROL = object(), object(), object()  # kinds of frame headers
 
 
 class NegotiationError(ValueError):
@@ -166,7 +174,17 @@ def _check_params(params: List[Param], answer: bool) -> Dict[str, Optional[str]]
 def server_answer(values: Sequence[str], options: Deflate) -> Optional[Tuple[str, Agreement]]:
     """The ``Sec-WebSocket-Extensions`` value that accepts the first
     permessage-deflate offer in ``values`` we can accept, and its agreement;
-    None if there is none (or the header does not parse): no compression."""
+    None if there is none (or the header does not parse): no compression.
+
+    Clients of one kind send the same offer: its answer is remembered, so
+    that their connections share one agreement and parse it once."""
+    if sum(len(value) for value in values) > 512:
+        return _server_answer(tuple(values), options)  # not worth remembering
+    return _remembered_answer(tuple(values), options)
+
+
+def _server_answer(values: Tuple[str, ...], options: Deflate
+                   ) -> Optional[Tuple[str, Agreement]]:
     try:
         offers = parse_extensions(values)
     except ValueError:
@@ -197,6 +215,9 @@ def server_answer(values: Sequence[str], options: Deflate) -> Optional[Tuple[str
                 answer.append(f"client_max_window_bits={client_bits}")
         return "; ".join(answer), Agreement(server_bits, client_bits, True, client_nct, options)
     return None
+
+
+_remembered_answer = lru_cache(maxsize=64)(_server_answer)
 
 
 # -- A client's offer and its check of the answer ------------------------------------
@@ -262,7 +283,7 @@ class _Pool:
     __slots__ = ("_free", "_args")
 
     def __init__(self, bits: int, level: int, mem_level: int) -> None:
-        self._free: List["zlib._Compress"] = []
+        self._free: List[zlib._Compress] = []
         self._args = (level, zlib.DEFLATED, -bits, mem_level)
 
     def compress(self, data: bytes) -> bytes:
@@ -364,7 +385,7 @@ class Inflater(Extension):
 
     name = NAME
     __slots__ = ("_bits", "_no_context", "_max", "_max_wire", "_zlib", "_message",
-                 "_compressed", "_frame", "_control", "_size", "_wire")
+                 "_compressed", "_frame", "_control", "_size", "_wire", "_pending")
 
     def __init__(self, bits: int, no_context: bool, max_size: Optional[int]) -> None:
         # A larger window inflates anything a smaller one made; zlib makes
@@ -377,11 +398,12 @@ class Inflater(Extension):
         # holds as little as zlib's pending buffer: 2 KiB at memLevel 5 (what
         # websockets sends with: 0.24 % more), 128 bytes at memLevel 1 (4 %).
         self._max_wire = None if max_size is None else max_size + (max_size >> 4) + 1024
-        self._zlib: Optional["zlib._Decompress"] = None
+        self._zlib: Optional[zlib._Decompress] = None
         self._message = False      # inside a data message (its first frame seen)
         self._compressed = False   # that message is compressed
         self._frame = False        # the frame being received is a compressed data frame
         self._control = False      # the frame being received is a control frame
+        self._pending: Optional[Tuple[object, bool, int]] = None  # a header, parsed
         self._size = 0             # bytes inflated so far in the message
         self._wire = 0             # compressed bytes announced so far in the message
 
@@ -389,6 +411,9 @@ class Inflater(Extension):
     def compressing(self) -> bool:
         """Is the message being received compressed? (Its frame headers then
         announce compressed bytes, not the message's size.)"""
+        pending = self._pending
+        if pending is not None and pending[0] is _FIRST:
+            return pending[1]
         return self._message and self._compressed
 
     def enabled(self) -> bool:
@@ -399,35 +424,54 @@ class Inflater(Extension):
 
     def frame_inbound_header(self, proto: Decoding, opcode: Opcode, rsv: RsvBits,
                              payload_length: int) -> Union[CloseReason, RsvBits]:
-        self._control = opcode.iscontrol()
-        if self._control:
-            self._frame = False
+        # wsproto calls this again for the same header when the rest of it
+        # (the masking key) had not arrived: nothing is decided here but
+        # what may be refused at once; the frame starts at its first payload.
+        if opcode.iscontrol():
+            self._pending = (_CONTROL, False, 0)
             return RsvBits(False, False, False)  # RSV1 on a control frame: 1002
         if opcode is Opcode.CONTINUATION:
             if rsv.rsv1:
                 raise ParseFailed("RSV1 set on a continuation frame", CloseReason.PROTOCOL_ERROR)
-            self._frame = self._compressed
-        else:
-            if self._message:
-                raise ParseFailed(f"expected a continuation frame, got {opcode.name}",
-                                  CloseReason.PROTOCOL_ERROR)
+            self._pending = (_NEXT, False, payload_length)
+            return RsvBits(False, False, False)
+        if self._message:
+            raise ParseFailed(f"expected a continuation frame, got {opcode.name}",
+                              CloseReason.PROTOCOL_ERROR)
+        self._pending = (_FIRST, rsv.rsv1, payload_length)
+        return RsvBits(True, False, False)
+
+    def _begin(self) -> None:
+        """The frame whose header was parsed last starts (its first payload)."""
+        assert self._pending is not None
+        kind, rsv1, length = self._pending
+        self._pending = None
+        self._control = kind is _CONTROL
+        if self._control:
+            self._frame = False
+            return
+        if kind is _FIRST:
             self._message = True
-            self._compressed = self._frame = rsv.rsv1
+            self._compressed = rsv1
             self._size = self._wire = 0
+        self._frame = self._compressed
         if self._frame and self._max_wire is not None:
-            self._wire += payload_length
+            self._wire += length
             if self._wire > self._max_wire:
                 raise ParseFailed("message too big", CloseReason.MESSAGE_TOO_BIG)
-        return RsvBits(self._frame, False, False)
 
     def frame_inbound_payload_data(self, proto: Decoding, data: bytes
                                    ) -> Union[bytes, CloseReason]:
+        if self._pending is not None:
+            self._begin()
         if not self._frame or not data:
             return data
         return self._inflate(data)
 
     def frame_inbound_complete(self, proto: Decoding, fin: bool
                                ) -> Union[bytes, CloseReason, None]:
+        if self._pending is not None:
+            self._begin()
         if self._control or not fin:
             return None  # a control frame never ends the message around it
         self._message = False

@@ -13,7 +13,7 @@ import binascii
 import hashlib
 import os
 from http import HTTPStatus
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import h11
 
@@ -80,7 +80,7 @@ class RequestParser:
         return self._h11.trailing_data[0]
 
 
-def to_request(event: h11.Request, remote_address: Optional[Tuple]) -> Request:
+def to_request(event: h11.Request, remote_address: Optional[Tuple[Any, ...]]) -> Request:
     """Our :class:`Request` for an h11 request event."""
     headers = Headers([(k.decode("latin-1"), v.decode("latin-1"))
                        for k, v in event.headers.raw_items()])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from types import MappingProxyType
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 from urllib.parse import parse_qsl, unquote
 
 __all__ = ["Headers", "Request", "Response", "header_tokens", "format_address"]
@@ -64,7 +64,7 @@ class Request:
         method: str,
         target: str,
         headers: Headers,
-        remote_address: Optional[Tuple] = None,
+        remote_address: Optional[Tuple[Any, ...]] = None,
         http_version: str = "1.1",
     ) -> None:
         self.method = method

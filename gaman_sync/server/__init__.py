@@ -9,8 +9,9 @@ connection, and each open connection has its own. Nothing else.
 from .blocks import BlockServer, Endpoint
 from .decisions import Accept, Redirect, Reject
 from .connection import ServerConnection
+from .processes import WorkersFailed
 from .server import WebSocketServer, serve, serve_until_signalled
 from .stats import ServerStats
 
 __all__ = ["Accept", "BlockServer", "Endpoint", "Redirect", "Reject", "ServerConnection",
-           "ServerStats", "WebSocketServer", "serve", "serve_until_signalled"]
+           "ServerStats", "WebSocketServer", "WorkersFailed", "serve", "serve_until_signalled"]

@@ -67,8 +67,13 @@ from ..io import PlainTransport, Transport, nonblocking
 from ..io.tls import TLSTransport
 from ..io.waker import Waker
 from ..options import Options
-from ..protocol.handshake import (HandshakeError, RequestParser, accept_response,
-                                  error_response, to_request)
+from ..protocol.handshake import (
+    HandshakeError,
+    RequestParser,
+    accept_response,
+    error_response,
+    to_request,
+)
 from ..protocol.http import Request, format_address, header_tokens
 from .http import health_response, text_response
 
@@ -196,6 +201,7 @@ class Acceptor:
 
     def _accept(self, backoff: float) -> float:
         """Accept what is waiting; return the pause before the next try (0: none)."""
+        assert self._listener is not None  # called only when it is ready
         for _ in range(64):  # then let handshakes under way have a turn
             try:
                 sock, address = nonblocking.accept(self._listener)

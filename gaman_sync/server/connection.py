@@ -18,7 +18,7 @@ sent in place of the 101; the connection then ends without a WebSocket frame.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, FrozenSet, Optional
 from urllib.parse import urljoin
 
 from ..connection import Connection
@@ -27,7 +27,7 @@ from ..options import Options
 from ..protocol import Protocol, Request
 from ..protocol.handshake import accept_response, add_header, error_response
 from ..protocol.http import format_address
-from .decisions import Accept, Redirect, Reject
+from .decisions import Accept, Decision, Redirect, Reject
 from .routing import fill
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ class ServerConnection(Connection):
                  "_extensions", "deflate_window", "deflate_agreement")
 
     def __init__(self, transport: Transport, protocol: Protocol, runtime: Runtime,
-                 options: Options, conn_id: int, request: Request, server: "BlockServer",
+                 options: Options, conn_id: int, request: Request, server: BlockServer,
                  subprotocol: Optional[str], response: Optional[bytes],
                  key: bytes = b"", extensions: Optional[str] = None) -> None:
         # The extensions accepted (permessage-deflate) go in the 101.
@@ -75,6 +75,25 @@ class ServerConnection(Connection):
         """How the opening handshake was answered: 101 once accepted, else the
         status of the refusal or redirect that ``on_request`` (or the block)
         made; None while it decides, and for a plain HTTP request."""
+
+    # -- Rooms (see gaman_sync.server.blocks) -----------------------------
+
+    def join(self, room: str) -> None:
+        """Join ``room`` of this block: ``ctx.server.broadcast(m, room=room)``
+        reaches it, in every process that shares a broker. From any thread;
+        joining twice is joining once. The connection leaves every room once
+        it has ended."""
+        self.server.join(self, room)
+
+    def leave(self, room: str) -> None:
+        """Leave ``room`` (nothing if not in it)."""
+        self.server.leave(self, room)
+
+    @property
+    def rooms(self) -> FrozenSet[str]:
+        """The rooms this connection is in (still set in ``on_close``; empty
+        once the connection has ended)."""
+        return self.server.rooms_of(self)
 
     def opening(self) -> bool:
         """Decide (for a block that does), run the endpoint's handler for this
@@ -108,7 +127,7 @@ class ServerConnection(Connection):
         redirected (its HTTP response is then on its way)."""
         endpoint = self.server.endpoint
         request = self.request
-        decision = None
+        decision: Decision = None
         try:
             if endpoint.redirect is not None:
                 location = fill(endpoint.redirect, request.params)

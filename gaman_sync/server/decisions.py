@@ -24,7 +24,7 @@ def _headers(value: object) -> Tuple[Tuple[str, str], ...]:
         raise TypeError(f"headers must be a dict or a list of (name, value) pairs, "
                         f"not {value!r}")
     pairs = []
-    for pair in value:  # type: ignore[union-attr]
+    for pair in value:
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
             raise TypeError(f"headers must be (name, value) pairs, not {pair!r}")
         pairs.append(check_header(*pair))

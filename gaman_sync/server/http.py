@@ -133,7 +133,7 @@ def http_response(status: int, headers: Iterable[Tuple[str, str]], body: bytes,
 def text_response(status: int, message: str = "", head: bool = False,
                   headers: Iterable[Tuple[str, str]] = ()) -> bytes:
     """A short plain-text answer (``404 Not Found``, ...)."""
-    body = f"{status} {_phrase(status)}{': ' if message else ''}{message}\n".encode("utf-8")
+    body = f"{status} {_phrase(status)}{': ' if message else ''}{message}\n".encode()
     return http_response(status, [("Content-Type", "text/plain; charset=utf-8"), *headers],
                          body, head)
 

@@ -159,7 +159,7 @@ class Router(Generic[T]):
         return None
 
 
-def fill(template: str, params: Dict[str, str]) -> str:
+def fill(template: str, params: Mapping[str, str]) -> str:
     """``template`` (``/r/:room``, ``/new/*``) with ``params`` put in, each
     value percent-encoded as a path segment (the rest of a ``*`` keeps its
     slashes)."""

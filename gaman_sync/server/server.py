@@ -3,7 +3,13 @@ and a shutdown that leaves nothing running.
 
 Threads: one accepts and runs every opening handshake (see
 :mod:`gaman_sync.acceptor`), one runs every timer, one drains slow peers'
-buffers, and each open connection has its own. Nothing else.
+buffers, and each open connection has its own. Nothing else, but a
+broker's own (two for :class:`~gaman_sync.broker.RedisBroker`).
+
+A broker (``broker=``) carries each block's broadcasts to the other
+processes of the application: it starts with the server (before it listens,
+so that connection ids can be made unique across processes from the
+broker's process number) and stops at the end of its shutdown.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import time
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+from ..broker import Broker, LocalBroker
 from ..connection import interrupted_connection_code
 from ..io import PlainTransport, Runtime, Transport
 from ..io.nonblocking import speedups_status
@@ -31,6 +38,7 @@ from .acceptor import Acceptor
 from .blocks import BlockServer, Endpoint, Exclude, broadcast
 from .connection import ServerConnection
 from .http import HttpExchange
+from .processes import check_workers, reserve_port, run_workers
 from .routing import Pattern, Router
 from .stats import ServerStats, Tally, access_fields
 
@@ -39,6 +47,14 @@ __all__ = ["WebSocketServer", "serve", "serve_until_signalled", "ServerStats"]
 logger = logging.getLogger("gaman_sync")
 access_logger = logging.getLogger("gaman_sync.access")
 stats_logger = logging.getLogger("gaman_sync.stats")
+
+ID_SPAN = 10**10
+"""With a broker, connection ids are ``node * ID_SPAN + n``: unique across
+processes, and ``n`` counts up to ten billion connections per process."""
+
+ID_SPAN = 10**10
+"""With a broker, connection ids are ``node * ID_SPAN + n``: unique across
+processes, and ``n`` counts up to ten billion connections per process."""
 
 # Started servers that were not shut down: the exit hook shuts them down.
 _running: "weakref.WeakSet[WebSocketServer]" = weakref.WeakSet()
@@ -85,12 +101,22 @@ class WebSocketServer:
     duration, and messages and bytes each way. ``stats_interval=N`` logs
     :meth:`stats` every N seconds (and once at shutdown) on the
     ``gaman_sync.stats`` logger, from the timer thread. Both are off by default.
+
+    ``broker=RedisBroker(url)`` makes broadcasts reach the clients of every
+    process that shares it (see :mod:`gaman_sync.broker`); the default,
+    :class:`~gaman_sync.broker.LocalBroker`, reaches this process's only.
+    The server starts the broker and stops it at the end of its shutdown.
+
+    ``reuse_port=True`` sets ``SO_REUSEPORT`` on the listening socket, so
+    that several servers (in several processes) can listen on one port, and
+    Linux spreads the connections over them: what ``serve(workers=N)`` does.
     """
 
     def __init__(self, blocks: Union[Endpoint, Sequence[Endpoint]], host: str = "127.0.0.1",
                  port: int = 8000, *, backlog: int = 1024, health_path: Optional[str] = None,
                  ssl_context: Optional[ssl.SSLContext] = None,
                  access_log: bool = False, stats_interval: Optional[float] = None,
+                 broker: Optional[Broker] = None, reuse_port: bool = False,
                  **options: Any) -> None:
         if isinstance(blocks, Endpoint):
             blocks = [blocks]
@@ -108,6 +134,7 @@ class WebSocketServer:
         self.host = host
         self._requested_port = port
         self._backlog = backlog
+        self._reuse_port = bool(reuse_port)
         self._lock = threading.RLock()
         self._routes: Dict[str, BlockServer] = {}
         for block in blocks:
@@ -140,6 +167,16 @@ class WebSocketServer:
         """Seconds between two stats lines (``gaman_sync.stats``), or None."""
         self._tally = Tally()
         self._stats_timer_started = False
+        if broker is None:
+            broker = LocalBroker()
+        elif not isinstance(broker, Broker):
+            raise TypeError(f"broker must be a Broker (RedisBroker(url), say) or None, "
+                            f"not {broker!r:.60}")
+        self.broker: Broker = broker
+        """What carries broadcasts to the other processes (a
+        :class:`~gaman_sync.broker.LocalBroker` by default: none)."""
+        self._broker_started = False
+        self._channels: Dict[str, BlockServer] = {}
         self.runtime = Runtime("gaman_sync")
         """The shared threads: timers, the writer, the connection threads."""
         # Each connection, with the time it was accepted if the access log
@@ -194,7 +231,7 @@ class WebSocketServer:
         cleanly."""
         accept = self._accept_thread
         return [t for t in threading.enumerate() if t.is_alive()
-                and (t is accept or self.runtime.owns(t))]
+                and (t is accept or self.runtime.owns(t))] + self.broker.threads
 
     @property
     def listener_open(self) -> bool:
@@ -212,9 +249,13 @@ class WebSocketServer:
 
     def broadcast(self, message: Data, exclude: Exclude = None) -> int:
         """Send ``message`` to the open clients of every block (see
-        :meth:`BlockServer.broadcast`)."""
-        return broadcast(self.clients, message, exclude,
+        :meth:`BlockServer.broadcast`); with a broker, on every block's
+        channel to the other processes too."""
+        sent = broadcast(self.clients, message, exclude,
                          any(view.compressing for view in self._routes.values()))
+        for view in self._routes.values():
+            view.publish(message, None, exclude)
+        return sent
 
     def stats(self) -> ServerStats:
         """What the server has done since it was made, as a
@@ -247,7 +288,13 @@ class WebSocketServer:
             if self._acceptor is not None:
                 raise RuntimeError("this server serves adopted sockets only: it was "
                                    "given one by adopt() before start()")
-            listener = _listen(self.host, self._requested_port, self._backlog)
+            self._start_broker()
+            try:
+                listener = _listen(self.host, self._requested_port, self._backlog,
+                                   self._reuse_port)
+            except BaseException:
+                self._stop_broker(self.options.shutdown_timeout)
+                raise
             self._address = listener.getsockname()
             listener.setblocking(False)
             in_use, why_not = self._start_accepting(listener)
@@ -274,6 +321,7 @@ class WebSocketServer:
                 sock.close()
                 raise RuntimeError("the server was shut down; make a new one")
             if self._acceptor is None:
+                self._start_broker()
                 self._start_accepting(None)
             assert self._acceptor is not None
             self._acceptor.adopt(sock, remote_address if remote_address is not None
@@ -422,6 +470,11 @@ class WebSocketServer:
             if refusal is not None:
                 sock.close()
                 raise RuntimeError(refusal)
+            try:
+                self._start_broker()
+            except BaseException:
+                sock.close()
+                raise
             _running.add(self)  # a program that exits shuts it down (1001)
             self._start_stats_timer()
             self._speedups = speedups_status()[0]
@@ -447,9 +500,10 @@ class WebSocketServer:
         options = self.options
         # permessage-deflate, if the client offers it and it is on.
         answer = None
-        if options.compression is not None:
+        deflate = options.deflate
+        if deflate is not None:
             offers = request.headers.get_all("sec-websocket-extensions")
-            answer = server_answer(offers, options.compression) if offers else None
+            answer = server_answer(offers, deflate) if offers else None
         conn = ServerConnection(
             transport,
             Protocol(Side.SERVER, options.max_message_size, trailing_data,
@@ -510,6 +564,39 @@ class WebSocketServer:
         if self._closing:
             with self._lock:
                 self._released.notify_all()
+
+    # -- The broker ------------------------------------------------------
+
+    def _start_broker(self) -> None:
+        """Start the broker once, before the first connection (the caller
+        holds the lock). Raises what its start raises
+        (:class:`~gaman_sync.broker.BrokerUnavailable`)."""
+        if self._broker_started:
+            return
+        broker = self.broker
+        if broker.remote:
+            self._channels = {broker.channel(path): view for path, view in self._routes.items()}
+            broker.start(list(self._channels), self._receive)
+            for channel, view in self._channels.items():
+                view.connect_broker(broker, channel)
+            if broker.node is not None:
+                # Ids unique across the processes that share the broker, still
+                # readable: process 3's connection 17 is 30000000017.
+                self._ids = itertools.count(broker.node * ID_SPAN + 1)
+        self._broker_started = True
+
+    def _receive(self, channel: str, payload: bytes) -> None:
+        """A broadcast from another process (in the broker's thread)."""
+        view = self._channels.get(channel)
+        if view is not None:
+            view.receive(payload)
+
+    def _stop_broker(self, timeout: float) -> None:
+        if self._broker_started:
+            self._broker_started = False
+            for view in self._routes.values():
+                view.connect_broker(None, "")
+            self.broker.stop(timeout)
 
     # -- Internals -----------------------------------------------------
 
@@ -573,6 +660,8 @@ class WebSocketServer:
         runtime.flusher.stop(max(left(), 0.2))
         if self.stats_interval is not None:
             stats_logger.info("stats at shutdown: %s", self.stats())
+        # Last: what the on_close callbacks broadcast still reaches the others.
+        self._stop_broker(max(left(), 1.0))
         logger.info("shut down")
 
     def _wait_released(self, deadline: float) -> bool:
@@ -608,25 +697,43 @@ def _peer_of(sock: socket.socket) -> Any:
         return "local"
 
 
-def _listen(host: str, port: int, backlog: int) -> socket.socket:
+def _listen(host: str, port: int, backlog: int, reuse_port: bool = False) -> socket.socket:
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                flags=socket.AI_PASSIVE)
     family = infos[0][0]
     address = infos[0][4]
-    return socket.create_server(address, family=family, backlog=backlog)
+    return socket.create_server(address, family=family, backlog=backlog,
+                                reuse_port=reuse_port)
 
 
 def serve(blocks: Union[Endpoint, Sequence[Endpoint]], host: str = "127.0.0.1",
-          port: int = 8000, **options: Any) -> None:
+          port: int = 8000, *, workers: Optional[int] = None, **options: Any) -> None:
     """Run a server until Ctrl-C or SIGTERM, then shut it down cleanly.
 
     Keyword arguments are :class:`WebSocketServer`'s (``ssl_context`` for
-    ``wss://``, ``health_path``) and the options of :class:`~gaman_sync.Options`.
+    ``wss://``, ``broker=``, ``health_path=``, ``backlog=``) and the options
+    of :class:`~gaman_sync.Options`.
 
     The first signal starts the shutdown (within the ``shutdown_timeout``
     option); a second Ctrl-C or SIGTERM during it ends the program at once,
     leaving the connections still open dropped.
+
+    ``workers=N`` (Linux only) runs N server processes on the port instead of
+    a server in this one, and supervises them: see
+    :mod:`gaman_sync.server.processes`. Call it from the main thread, before
+    starting threads of your own: it forks.
     """
+    if workers is not None:
+        check_workers(workers)
+        reservation = reserve_port(host, port)
+        try:
+            server = WebSocketServer(blocks, host=host, port=reservation.getsockname()[1],
+                                     reuse_port=True, **options)
+        except BaseException:
+            reservation.close()
+            raise
+        run_workers(server, workers, reservation, warn_broadcast=not server.broker.remote)
+        return
     serve_until_signalled(WebSocketServer(blocks, host=host, port=port, **options))
 
 

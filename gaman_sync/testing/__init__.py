@@ -27,10 +27,32 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .raw import (BINARY, CLOSE, CONT, DEFAULT_TIMEOUT, PING, PONG, TEXT, Frame, FrameParser,
-                  HandshakeFailed, HTTPResponse, MultiReader, PeerClosed, ProtocolViolation,
-                  RawPeer, chunks, close_frame, close_payload, connect_many, fragmented, frame,
-                  handshake_request, parse_close, raise_nofile)
+from .raw import (
+    BINARY,
+    CLOSE,
+    CONT,
+    DEFAULT_TIMEOUT,
+    PING,
+    PONG,
+    TEXT,
+    Frame,
+    FrameParser,
+    HandshakeFailed,
+    HTTPResponse,
+    MultiReader,
+    PeerClosed,
+    ProtocolViolation,
+    RawPeer,
+    chunks,
+    close_frame,
+    close_payload,
+    connect_many,
+    fragmented,
+    frame,
+    handshake_request,
+    parse_close,
+    raise_nofile,
+)
 
 # name -> the module of this package that defines it, imported on first use
 _LAZY = {"run_server": "server", "shut_down_cleanly": "server", "leftovers": "server",
@@ -52,7 +74,7 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-def __dir__() -> list:
+def __dir__() -> list[str]:  # (not typing.List: no extra public name)
     return sorted({*globals(), *__all__})
 
 

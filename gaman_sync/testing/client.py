@@ -150,7 +150,7 @@ class TestClient:
     def local(cls, blocks: Union[Endpoint, Sequence[Endpoint]], path: str = "/", *,
               timeout: float = DEFAULT_TIMEOUT,
               connect_options: Optional[Mapping[str, Any]] = None,
-              **options: Any) -> "TestClient":
+              **options: Any) -> TestClient:
         """A client of ``blocks`` with no network: an unstarted server adopts
         one end of a ``socket.socketpair()`` and the client connects over the
         other. ``options`` are the server's; ``connect_options`` the client's.
@@ -297,7 +297,7 @@ class TestClient:
         if server is not None:
             shut_down_cleanly(server, what="TestClient.local's server")
 
-    def __enter__(self) -> "TestClient":
+    def __enter__(self) -> TestClient:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:

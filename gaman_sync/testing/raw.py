@@ -61,8 +61,21 @@ import struct
 import threading
 import time
 from collections import deque
-from typing import (Any, Callable, Deque, Iterable, List, NamedTuple, Optional, Sequence, Tuple,
-                    Type, Union)
+from typing import (
+    Any,
+    Callable,
+    Deque,
+    Dict,
+    Iterable,
+    List,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+    Type,
+    Union,
+    cast,
+)
 
 from ..protocol.frames import mask_payload
 from ..protocol.handshake import accept_token
@@ -117,7 +130,7 @@ class PeerClosed(Exception):
 class HandshakeFailed(ConnectionError):
     """The endpoint refused the opening handshake or closed during it."""
 
-    def __init__(self, message: str, response: Optional["HTTPResponse"] = None) -> None:
+    def __init__(self, message: str, response: Optional[HTTPResponse] = None) -> None:
         super().__init__(message)
         self.response = response  #: the answer, when one came
 
@@ -203,12 +216,12 @@ def fragmented(opcode: int, fragments: Sequence[Payload],
     last), in the order given. ``kw`` as for :func:`frame` (mask, rsv...)."""
     if not fragments:
         raise ValueError("a message has at least one fragment")
-    before: dict = {}
+    before: Dict[int, List[bytes]] = {}
     for index, control in controls:
         if not 0 <= index <= len(fragments):
             raise ValueError(f"control frame index {index} out of 0..{len(fragments)}")
         before.setdefault(index, []).append(control)
-    out = []
+    out: List[bytes] = []
     last = len(fragments) - 1
     for i, piece in enumerate(fragments):
         out.extend(before.get(i, ()))
@@ -222,7 +235,7 @@ def chunks(data: bytes, cuts: Iterable[int]) -> List[bytes]:
     the pieces to send as separate TCP writes."""
     points = sorted({c for c in cuts if 0 < c < len(data)})
     out, prev = [], 0
-    for p in points + [len(data)]:
+    for p in [*points, len(data)]:
         out.append(data[prev:p])
         prev = p
     return out
@@ -343,7 +356,7 @@ class FrameParser:
         """Add ``data`` (arrived at ``at``, default now); return every frame
         now whole."""
         self.append(data, at)
-        frames = []
+        frames: List[Frame] = []
         while True:
             f = self.next_frame()
             if f is None:
@@ -413,7 +426,7 @@ class RawPeer:
         self.answer_pings = True
         self.answer_close = True
         self.close_sent = False
-        self.user: dict = {}
+        self.user: Dict[Any, Any] = {}
         self._head = bytearray()  # the HTTP response, until it is whole
 
     # -- Opening ------------------------------------------------------------
@@ -431,10 +444,10 @@ class RawPeer:
         return sock
 
     @classmethod
-    def start(cls: Type["RawPeer"], host: str, port: int, path: str, *,
+    def start(cls: Type[RawPeer], host: str, port: int, path: str, *,
               timeout: float = DEFAULT_TIMEOUT, headers: Sequence[Tuple[str, str]] = (),
               after: bytes = b"", rcvbuf: Optional[int] = None, mss: Optional[int] = None,
-              name: str = "", strict: bool = True) -> "RawPeer":
+              name: str = "", strict: bool = True) -> RawPeer:
         """Connect and send the upgrade request (and ``after``, the first
         frames, in the same write), without reading the answer."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -453,8 +466,8 @@ class RawPeer:
         return peer
 
     @classmethod
-    def open(cls: Type["RawPeer"], host: str, port: int, path: str,
-             **options: Any) -> "RawPeer":
+    def open(cls: Type[RawPeer], host: str, port: int, path: str,
+             **options: Any) -> RawPeer:
         """Connect and complete the opening handshake; ``options`` as for
         :meth:`start` (timeout, headers, after, rcvbuf, mss, name, strict).
         Raises :class:`HandshakeFailed` if it is refused."""
@@ -477,10 +490,9 @@ class RawPeer:
                                   f"{bytes(self._head)!r}") from None
         if response.status != 101:
             raise HandshakeFailed(f"{self.name}: handshake refused: {response}", response)
-        if self.key is not None:
-            if response.header("Sec-WebSocket-Accept") != accept_token(self.key).decode():
-                raise ProtocolViolation(f"{self.name}: wrong Sec-WebSocket-Accept in "
-                                        f"{response}")
+        if self.key is not None and \
+                response.header("Sec-WebSocket-Accept") != accept_token(self.key).decode():
+            raise ProtocolViolation(f"{self.name}: wrong Sec-WebSocket-Accept in {response}")
         return response
 
     def read_http_response(self, body: bool = True,
@@ -493,7 +505,7 @@ class RawPeer:
             buf += self._read_or_raise(deadline)
         head, _, rest = bytes(buf).partition(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
-        version, status, reason = (lines[0].split(" ", 2) + [""])[:3]
+        version, status, reason = [*lines[0].split(" ", 2), ""][:3]
         if version != "HTTP/1.1":
             raise ProtocolViolation(f"{self.name}: not an HTTP/1.1 response: {lines[0]!r}")
         headers = []
@@ -627,9 +639,9 @@ class RawPeer:
             except socket.timeout:
                 return out
             except PeerClosed:
-                return out + [("EOF", None)]
+                return [*out, ("EOF", None)]
             if f.opcode == CLOSE:
-                return out + [(CLOSE, f.close_code())]
+                return [*out, (CLOSE, f.close_code())]
             out.append((f.opcode, f.payload))
 
     def wait_eof(self, timeout: Optional[float] = None) -> bytes:
@@ -675,9 +687,9 @@ class RawPeer:
             except OSError:
                 pass
         elif f.opcode == CLOSE:
-            self.received_close = parse_close(f.payload)  # type: ignore[assignment]
+            code, reason = parse_close(f.payload)
+            self.received_close = (code, cast(str, reason))  # decoded: decode=True
             if self.answer_close:
-                code = self.received_close[0]
                 try:
                     self.send_close(1000 if code is None else code)
                 except OSError:
@@ -732,7 +744,7 @@ class RawPeer:
         except OSError:
             pass
 
-    def __enter__(self) -> "RawPeer":
+    def __enter__(self) -> RawPeer:
         return self
 
     def __exit__(self, *exc: object) -> None:
