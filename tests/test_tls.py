@@ -539,6 +539,22 @@ def test_past_max_connections_a_tls_client_is_closed_at_once(make_server, server
         assert again.recv(timeout=WAIT) == "room again"
 
 
+def test_a_server_that_closes_during_the_tls_handshake_is_a_clear_error(client_context):
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        def serve_one():
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)  # the ClientHello, then a clean close
+
+        peer = threading.Thread(target=serve_one, daemon=True)
+        peer.start()
+        url = f"wss://127.0.0.1:{listener.getsockname()[1]}/"
+        with pytest.raises(ssl.SSLError) as caught:
+            connect(url, ssl_context=client_context, open_timeout=WAIT)
+        peer.join(WAIT)
+    assert url in str(caught.value) and "TLS handshake" in str(caught.value)
+
+
 # -- The command line ----------------------------------------------------------------
 
 def test_cli_serves_wss(ca, client_context, tmp_path):
