@@ -25,8 +25,14 @@ from pathlib import Path
 import pytest
 
 import gaman_sync
-from gaman_sync import (InvalidCertificate, InvalidHandshake, InvalidRedirect, WebSocketServer,
-                        connect, define_block)
+from gaman_sync import (
+    InvalidCertificate,
+    InvalidHandshake,
+    InvalidRedirect,
+    WebSocketServer,
+    connect,
+    define_block,
+)
 
 from .conftest import WAIT
 
