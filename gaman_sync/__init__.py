@@ -45,7 +45,7 @@ _EXPORTS = {
     "SendTimeout": "exceptions", "InvalidHandshake": "exceptions", "InvalidURI": "exceptions",
     "InvalidStatus": "exceptions", "InvalidHeader": "exceptions",
     "InvalidMessage": "exceptions", "HandshakeTimeout": "exceptions",
-    "InvalidRedirect": "exceptions", "InvalidCertificate": "io.tls",
+    "InvalidRedirect": "exceptions", "InvalidCertificate": "client",
     "WebSocketMiddleware": "wsgi",
     "Broker": "broker", "LocalBroker": "broker", "RedisBroker": "broker",
     "BrokerUnavailable": "broker",
@@ -75,13 +75,12 @@ def __dir__() -> list:
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from .app import Block, define_block
     from .broker import Broker, BrokerUnavailable, LocalBroker, RedisBroker
-    from .client import ClientConnection, connect
+    from .client import ClientConnection, InvalidCertificate, connect
     from .connection import Connection, ReadyState, WebSocketHandler
     from .exceptions import (ConnectionClosed, ConnectionClosedError, ConnectionClosedOK,
                              HandshakeTimeout, InvalidHandshake, InvalidHeader,
                              InvalidMessage, InvalidRedirect, InvalidStatus, InvalidURI,
                              SendTimeout, WebSocketError)
-    from .io.tls import InvalidCertificate
     from .options import Deflate, Options
     from .protocol import CloseCode, Headers, Request, Response
     from .server import (Accept, BlockServer, Redirect, Reject, ServerConnection,

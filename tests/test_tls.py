@@ -25,8 +25,14 @@ from pathlib import Path
 import pytest
 
 import gaman_sync
-from gaman_sync import (InvalidCertificate, InvalidHandshake, InvalidRedirect, WebSocketServer,
-                        connect, define_block)
+from gaman_sync import (
+    InvalidCertificate,
+    InvalidHandshake,
+    InvalidRedirect,
+    WebSocketServer,
+    connect,
+    define_block,
+)
 
 from .conftest import WAIT
 
@@ -38,7 +44,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     trustme = None
     if os.environ.get("GAMAN_SYNC_REQUIRE_PEERS") == "1":
         raise RuntimeError("GAMAN_SYNC_REQUIRE_PEERS=1, but trustme is not installed "
-                           "(pip install -e '.[test]')")
+                           "(pip install -e '.[test]')") from None
     pytestmark = pytest.mark.skip(reason="trustme is not installed (pip install -e '.[test]')")
 
 
@@ -312,7 +318,7 @@ def test_certificate_for_another_host_is_refused(make_server, ca, client_context
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ca.issue_cert("other.example").configure_cert(context)
     server = make_server(_echo_block(), ssl_context=context)
-    with pytest.raises(InvalidCertificate, match="127.0.0.1"):
+    with pytest.raises(InvalidCertificate, match=re.escape("127.0.0.1")):
         connect(server.url("/echo"), ssl_context=client_context, open_timeout=WAIT)
 
 
@@ -515,6 +521,46 @@ def test_health_path_and_pages_over_https(make_server, server_context, client_co
             https.close()
 
 
+def test_past_max_connections_a_tls_client_is_closed_at_once(make_server, server_context,
+                                                             client_context):
+    server = make_server(_echo_block(), ssl_context=server_context, max_connections=1)
+    with connect(server.url("/echo"), ssl_context=client_context, open_timeout=WAIT) as first:
+        started = time.monotonic()
+        with pytest.raises(OSError):  # the TLS handshake meets the end of the stream
+            connect(server.url("/echo"), ssl_context=client_context, open_timeout=WAIT)
+        assert time.monotonic() - started < 2.0
+        first.send("still served")
+        assert first.recv(timeout=WAIT) == "still served"
+    deadline = time.monotonic() + WAIT  # the server forgets the first one right after
+    while True:
+        try:
+            again = connect(server.url("/echo"), ssl_context=client_context,
+                            open_timeout=WAIT)
+            break
+        except OSError:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    with again:
+        again.send("room again")
+        assert again.recv(timeout=WAIT) == "room again"
+
+
+def test_a_server_that_closes_during_the_tls_handshake_is_a_clear_error(client_context):
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        def serve_one():
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)  # the ClientHello, then a clean close
+
+        peer = threading.Thread(target=serve_one, daemon=True)
+        peer.start()
+        url = f"wss://127.0.0.1:{listener.getsockname()[1]}/"
+        with pytest.raises(ssl.SSLError) as caught:
+            connect(url, ssl_context=client_context, open_timeout=WAIT)
+        peer.join(WAIT)
+    assert url in str(caught.value) and "TLS handshake" in str(caught.value)
+
+
 # -- The command line ----------------------------------------------------------------
 
 def test_cli_serves_wss(ca, client_context, tmp_path):
@@ -571,7 +617,7 @@ def test_client_cli_accepts_wss(wss_server, ca, tmp_path):
     ca.cert_pem.write_to_path(str(cafile))
     url = wss_server.url("/echo")
     run = [sys.executable, "-m", "gaman_sync.client", url, "--wait", "0.2"]
-    ok = subprocess.run(run + ["--ca-certs", str(cafile)], input="hello\n", cwd=ROOT,
+    ok = subprocess.run([*run, "--ca-certs", str(cafile)], input="hello\n", cwd=ROOT,
                         capture_output=True, text=True, timeout=WAIT)
     assert ok.returncode == 0 and ok.stdout.strip() == "hello", ok.stderr
     refused = subprocess.run(run, input="hello\n", cwd=ROOT, capture_output=True, text=True,

@@ -533,8 +533,9 @@ def _start_tls(url: str, sock: socket.socket, host: str, deadline: Optional[floa
     except ssl.SSLCertVerificationError as exc:
         raise InvalidCertificate(url, exc) from None
     except ssl.SSLError as exc:
-        raise type(exc)(exc.errno, f"TLS handshake with {url} failed: "
-                                   f"{exc.reason or exc}") from None
+        # Not every SSLError has a reason (one raised in Python has not).
+        why = getattr(exc, "reason", None) or exc.strerror or exc
+        raise type(exc)(exc.errno, f"TLS handshake with {url} failed: {why}") from None
     return tls
 
 

@@ -444,14 +444,13 @@ class InvalidCertificate(InvalidHandshake, ssl.SSLCertVerificationError):
 
     def __init__(self, url: str, error: ssl.SSLCertVerificationError) -> None:
         self.url = url
-        why = getattr(error, "verify_message", None) or getattr(error, "reason", None) \
-            or str(error)
+        why = error.verify_message or error.reason or str(error)
         ssl.SSLCertVerificationError.__init__(
             self, error.errno, f"the TLS certificate of {url} does not verify: {why}")
-        self.verify_code = getattr(error, "verify_code", None)
-        self.verify_message = getattr(error, "verify_message", None)
-        self.reason = getattr(error, "reason", None)
-        self.library = getattr(error, "library", None)
+        self.verify_code = error.verify_code
+        self.verify_message = error.verify_message
+        self.reason = error.reason
+        self.library = error.library
 
     def __str__(self) -> str:
         return str(self.args[1])

@@ -39,7 +39,11 @@ start a TLS record is answered at once: with a plain-text 400 when it looks
 like an HTTP request (someone typed ``http://`` for ``https://``), by
 closing otherwise. A failed TLS handshake is logged once, at INFO, without
 a traceback, and the socket closed; the connection's thread gets the
-transport, TLS state and all, once the upgrade is accepted.
+transport, TLS state and all, once the upgrade is accepted. The handshake's
+cryptography (a signature and a key exchange per client, tens of
+microseconds with an ECDSA key, a millisecond or two with RSA-2048) runs
+here with the GIL released: handshakes queue behind each other in this one
+thread, never behind a slow client.
 
 When ``accept()`` fails for lack of resources (EMFILE, ENFILE, ENOBUFS), the
 loop logs once, stops watching the listener and retries after a short, growing
@@ -233,6 +237,12 @@ class Acceptor:
             hs = _Handshake(sock, address, None, 0.0)
             if self._rejected is not None:
                 self._rejected(503)
+            if self._ssl_context is not None:
+                # A TLS client could not read a plain 503, and a TLS
+                # handshake per refusal is what an overloaded server cannot
+                # afford: closed at once.
+                self._close(hs)
+                return
             self._refuse(hs, error_response(503, "too many connections, try again "
                                                  "later", [("Retry-After", "1")]))
             return
