@@ -18,6 +18,10 @@ and for each text message a client sends, to everyone, the sender included::
     {"type": "message", "from": 3, "name": "Alice", "text": "hi"}
 
 A binary message is passed on to everyone as it is.
+
+The member list comes from this server's ``clients``: run under
+``--workers N`` (with ``--redis``), messages reach everyone, but each worker
+lists only its own clients (see the README, "Workers on one machine").
 """
 
 import json

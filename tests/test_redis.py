@@ -384,3 +384,28 @@ def test_the_cluster_example_shows_a_message_crossing(redis_server):
     assert out.returncode == 0, out.stderr
     assert "bob got, through Redis: 'hello from the first server'" in out.stdout
     assert "carol got: \"carol's garden\" (not alice's)" in out.stdout
+
+
+ID_SPAN = 10**10  # a connection id is PROCESS * ID_SPAN + n with a broker
+
+
+def test_process_numbers_stay_unique_after_redis_restarts_empty(nodes, redis_server):
+    """Redis without its data forgets the counter of process numbers: the
+    running processes claim theirs again when they reconnect, so that one
+    started afterwards takes a new number, and its connection ids are new."""
+    a, b = nodes
+    a1, b1 = Peer(a.url), Peer(b.url)
+    taken = {a1.id // ID_SPAN, b1.id // ID_SPAN}
+    assert len(taken) == 2, taken
+    redis_server.kill()
+    redis_server.start()  # empty: --save ''
+    # Both are back (a broadcast crosses each way) before a third starts.
+    wait_crossing(a1, b1, "ab")
+    wait_crossing(b1, a1, "ba")
+    c = Node(redis_server.url)
+    try:
+        c1 = Peer(c.url)
+        assert c1.id // ID_SPAN not in taken, (c1.id, taken)
+        assert not any(node.warnings("was taken by another process") for node in (a, b, c))
+    finally:
+        c.stop()

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import select
+import shutil
 import socket
+import subprocess
 import sys
 import threading
 
@@ -282,3 +284,30 @@ def test_connections_get_blocking_sockets(make_server, monkeypatch, inherits):
         client.send_frame(TEXT, "still here")
         assert client.recv_frame().payload == b"still here"
         assert seen.kinds() == ["blocking"]
+
+
+@pytest.mark.parametrize("checkout", [True, False])
+def test_the_reason_it_is_not_in_use_gives_a_fix_that_works_where_it_runs(tmp_path, checkout):
+    """Without the helper, the reason names the fix for where the package is
+    imported from: a build in place for a checkout (an install elsewhere
+    would be shadowed by it), a reinstall for an installed copy."""
+    package = tmp_path / "gaman_sync"
+    shutil.copytree(os.path.dirname(nonblocking.__file__).rsplit(os.sep, 1)[0], package,
+                    ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"))
+    if checkout:
+        (tmp_path / "setup.py").write_text("")
+    out = subprocess.run(
+        # Without the finder of an editable install, which would find the
+        # helper of the checkout these tests run from.
+        [sys.executable, "-c", "import sys; sys.meta_path[:] = [f for f in sys.meta_path "
+                               "if 'editable' not in repr(f)]; "
+                               "from gaman_sync.io.nonblocking import speedups_status; "
+                               "print(speedups_status())"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=WAIT,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    assert "False" in out.stdout and "not built" in out.stdout
+    if checkout:
+        assert f"'pip install -e .' in {tmp_path}" in out.stdout, out.stdout
+    else:
+        assert "--force-reinstall" in out.stdout and "-e ." not in out.stdout, out.stdout

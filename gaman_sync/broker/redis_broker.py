@@ -42,6 +42,7 @@ most once across processes (see the README for Redis Streams).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -174,7 +175,7 @@ class RedisBroker(Broker):
             # Our threads retry, with their backoff and one warning per outage.
             retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0))
         try:
-            self.node = int(self._client.incr(f"{self.prefix}:nodes"))
+            self.node = self._take_node()
         except (redis.RedisError, OSError) as exc:
             self._client.close()
             raise BrokerUnavailable(f"cannot reach Redis at {self.where}: {exc} (start Redis, "
@@ -225,6 +226,12 @@ class RedisBroker(Broker):
             if thread is not None and thread is not threading.current_thread():
                 thread.join(max(deadline - time.monotonic(), 0.0))
         if self._client is not None:
+            if self.node is not None and not self._down:
+                # Our number's claim goes with us (if Redis is there to hear
+                # it), so that claims do not pile up over restarts.
+                with contextlib.suppress(Exception):
+                    self._client.eval(self._RELEASE, 1, f"{self.prefix}:node:{self.node}",
+                                      self._origin)
             self._client.close()
 
     @property
@@ -253,6 +260,56 @@ class RedisBroker(Broker):
                            type(exc).__name__, exc)
         else:
             logger.debug("broker: %s: Redis at %s still unreachable: %s", role, self.where, exc)
+
+    # -- Process numbers -------------------------------------------------------
+
+    # A process number is the counter PREFIX:nodes incremented, and claimed
+    # by its key PREFIX:node:N holding the process's origin tag. A Redis
+    # that restarts without its data forgets both: every process claims its
+    # number again when it reconnects and raises the counter to it, so that
+    # a process started afterwards takes a new one. One started in the
+    # moment between (before the others reconnected) may take a number in
+    # use: the owner then finds its claim taken and says so, once.
+    _RAISE = ("local n = tonumber(redis.call('GET', KEYS[1]) or '0') "
+              "if n < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end "
+              "return n")
+
+    _RELEASE = ("if redis.call('GET', KEYS[1]) == ARGV[1] then "
+                "return redis.call('DEL', KEYS[1]) end return 0")
+
+    def _take_node(self) -> int:
+        """A process number no other process claims (the caller handles
+        Redis errors)."""
+        client = self._client
+        for _ in range(1000):
+            node = int(client.incr(f"{self.prefix}:nodes"))
+            if client.set(f"{self.prefix}:node:{node}", self._origin, nx=True):
+                return node
+        raise BrokerUnavailable(f"no free process number at {self.where} "
+                                f"(keys {self.prefix}:node:*)")
+
+    def _claim_node(self) -> None:
+        """After a reconnection: claim our number again, and keep the counter
+        above it (a Redis that restarted empty forgot both)."""
+        node = self.node
+        if node is None:
+            return
+        key = f"{self.prefix}:node:{node}"
+        # A connection of its own, closed at once: the pool's is the
+        # publisher's, and one more kept open would be one per outage.
+        client = _redis().Redis.from_url(self.url, socket_connect_timeout=self._connect_timeout,
+                                         socket_timeout=max(self._connect_timeout, 5.0))
+        try:
+            client.eval(self._RAISE, 1, f"{self.prefix}:nodes", node)
+            taken = (not client.set(key, self._origin, nx=True)
+                     and client.get(key) != self._origin)
+        finally:
+            client.close()
+        if taken:
+            logger.warning("broker: process number %s was taken by another process while "
+                           "Redis at %s was unreachable and forgot it: connection ids of the "
+                           "two may repeat (exclude= across processes), keep Redis's data "
+                           "(its default save settings) to avoid it", node, self.where)
 
     def _back(self, role: str) -> None:
         with self._health:
@@ -318,6 +375,11 @@ class RedisBroker(Broker):
                         backoff = min(backoff * 2, _MAX_BACKOFF)
                         continue
                     backoff = _FIRST_BACKOFF
+                    try:
+                        self._claim_node()
+                    except errors as exc:
+                        logger.debug("broker: could not claim process number %s again: %s",
+                                     self.node, exc)
                     self._back(_SUBSCRIBER)
                 try:
                     message = pubsub.get_message(timeout=_POLL)

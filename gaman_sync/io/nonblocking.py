@@ -156,9 +156,17 @@ def speedups_status() -> Tuple[bool, str]:
     if _enabled:
         return True, ""
     if _c_send is None:
-        return False, (f"it is not built ({_missing}); reinstall with a C compiler "
-                       "(pip install --force-reinstall --no-deps .), or run from outside "
-                       "the source tree so that the installed package is imported")
+        package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        checkout = os.path.dirname(package)
+        if os.path.isfile(os.path.join(checkout, "setup.py")):
+            # Imported from a source checkout: only a build in place helps
+            # (an installed copy elsewhere is shadowed by this folder).
+            fix = (f"with a C compiler, run 'pip install -e .' in {checkout}, which "
+                   f"builds it in place")
+        else:
+            fix = ("reinstall with a C compiler "
+                   "(pip install --force-reinstall --no-deps gaman_sync)")
+        return False, f"it is not built ({_missing}); {fix}"
     return False, "turned off with use_speedups(False)"
 
 
