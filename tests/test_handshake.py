@@ -308,6 +308,10 @@ def test_max_connections_answers_503_without_a_thread(hs, caplog):
             new = set(threading.enumerate()) - threads
             assert not new, f"threads for refused connections: {new}"
         assert_no_traceback(caplog.records)
+        # One warning for the three refusals, not one each: a full server is
+        # asked many times a second (health checks too).
+        full = [r for r in caplog.records if "max_connections" in r.getMessage()]
+        assert len(full) == 1 and full[0].levelname == "WARNING", full
         assert len(rb.all) == 1
         # A slot frees up: the next client is served again.
         thread = rb.recorder().ctx.thread
@@ -316,7 +320,12 @@ def test_max_connections_answers_503_without_a_thread(hs, caplog):
         client.wait_eof()
         thread.join(WAIT)
         assert not thread.is_alive()
+        for s in silent:  # their handshakes count against max_connections too
+            s.close()
         still_serves(server)
+        again = [r.getMessage() for r in caplog.records if "accepting connections again" in
+                 r.getMessage()]
+        assert again and "3 refused" in again[0], again
     finally:
         client.close()
         for s in silent:

@@ -130,6 +130,7 @@ class Acceptor:
         self._serves_http = plain is not None or health_path is not None
         self._capacity = capacity  # how many more connections may be opened now
         self._rejected = rejected  # told the status of each refused handshake
+        self._refused_full = 0  # connections refused since the server became full
         self._selector = selectors.DefaultSelector()
         self._waker = Waker(self._selector)
         self._handshakes: Dict[socket.socket, _Handshake] = {}
@@ -232,8 +233,14 @@ class Acceptor:
         if not nonblocking.FLAGS_SUFFICE:
             sock.setblocking(False)
         if self._capacity() - self._handshaking <= 0:
-            logger.warning("refusing a connection from %s: max_connections (%s) reached",
-                           format_address(address), options.max_connections)
+            # One line while the server stays full, not one per refusal: a
+            # full server refuses every new connection (a load balancer's
+            # health checks included), many per second.
+            if not self._refused_full:
+                logger.warning("refusing new connections (503): max_connections (%s) reached; "
+                               "first from %s", options.max_connections,
+                               format_address(address))
+            self._refused_full += 1
             hs = _Handshake(sock, address, None, 0.0)
             if self._rejected is not None:
                 self._rejected(503)
@@ -246,6 +253,10 @@ class Acceptor:
             self._refuse(hs, error_response(503, "too many connections, try again "
                                                  "later", [("Retry-After", "1")]))
             return
+        if self._refused_full:
+            logger.info("accepting connections again; %d refused while max_connections (%s) "
+                        "were open", self._refused_full, options.max_connections)
+            self._refused_full = 0
         timeout = options.handshake_timeout
         deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
         tls = None
