@@ -152,16 +152,20 @@ def tls_context(certfile: Optional[str], keyfile: Optional[str],
     checked against ``ca_certs`` when it is given. Raises ``ValueError``
     with one line naming the option and the file."""
     if certfile is None:
-        if keyfile is not None or ca_certs is not None:
-            raise ValueError("--keyfile and --ca-certs need --certfile")
+        given = [flag for flag, value in (("--keyfile", keyfile), ("--ca-certs", ca_certs))
+                 if value is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)} need{'s' if len(given) == 1 else ''} "
+                             f"--certfile (the server's certificate)")
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
         context.load_cert_chain(certfile, keyfile)
     except (OSError, ssl.SSLError) as exc:
         files = certfile if keyfile is None else f"{certfile} and --keyfile {keyfile}"
+        hint = "" if keyfile is not None else "; if the key is in another file, give --keyfile"
         raise ValueError(f"--certfile {files}: cannot load the certificate and its key "
-                         f"({getattr(exc, 'strerror', None) or exc})") from None
+                         f"({getattr(exc, 'strerror', None) or exc}{hint})") from None
     if ca_certs is not None:
         try:
             context.load_verify_locations(ca_certs)

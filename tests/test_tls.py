@@ -322,7 +322,7 @@ def test_certificate_for_another_host_is_refused(make_server, ca, client_context
         connect(server.url("/echo"), ssl_context=client_context, open_timeout=WAIT)
 
 
-def test_client_certificates_required_and_checked(make_server, ca, client_context):
+def test_client_certificates_required_and_checked(make_server, ca, client_context, tmp_path):
     clients_ca = trustme.CA()
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ca.issue_cert("127.0.0.1").configure_cert(context)
@@ -347,9 +347,30 @@ def test_client_certificates_required_and_checked(make_server, ca, client_contex
     ca.configure_trust(stranger)
     trustme.CA().issue_cert("mallory@example.org").configure_cert(stranger)
     for context in (client_context, stranger):
-        with pytest.raises(ssl.SSLError):
+        with pytest.raises(ssl.SSLError) as info:
             connect(url, ssl_context=context, open_timeout=WAIT)
+        assert url in str(info.value), info.value  # which server, whatever the TLS version
+    with pytest.raises(ssl.SSLError, match="asks for a client certificate"):
+        connect(url, ssl_context=client_context, open_timeout=WAIT)
     assert len(seen) == 1 and not server.clients
+
+    # The command-line client presents one with --certfile and --keyfile.
+    cert = clients_ca.issue_cert("bob@example.org")
+    certfile, keyfile = tmp_path / "bob.pem", tmp_path / "bob.key"
+    cert.cert_chain_pems[0].write_to_path(str(certfile))
+    cert.private_key_pem.write_to_path(str(keyfile))
+    cafile = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(cafile))
+    run = [sys.executable, "-m", "gaman_sync.client", url, "--wait", "0.2",
+           "--ca-certs", str(cafile)]
+    ok = subprocess.run([*run, "--certfile", str(certfile), "--keyfile", str(keyfile)],
+                        input="hello\n", cwd=ROOT, capture_output=True, text=True,
+                        timeout=WAIT)
+    assert ok.returncode == 0 and ok.stdout.strip() == "hello", ok.stderr
+    refused = subprocess.run(run, input="hello\n", cwd=ROOT, capture_output=True, text=True,
+                             timeout=WAIT)
+    assert refused.returncode == 1 and "client certificate" in refused.stderr, refused.stderr
+    assert len(seen) == 2
 
 
 def test_ssl_context_arguments_are_checked(server_context, client_context):
@@ -592,16 +613,21 @@ def test_cli_serves_wss(ca, client_context, tmp_path):
         proc.stderr.close()
 
 
-@pytest.mark.parametrize("which", ["missing", "not-a-cert", "bad-ca-certs"])
+@pytest.mark.parametrize("which", ["missing", "not-a-cert", "bad-ca-certs", "no-key",
+                                   "key-alone"])
 def test_cli_certificate_that_does_not_load_is_one_line_and_exit_2(ca, tmp_path, which):
     cert = ca.issue_cert("127.0.0.1")
     good = tmp_path / "good.pem"
     cert.private_key_and_cert_chain_pem.write_to_path(str(good))
+    chain_only = tmp_path / "chain.pem"
+    cert.cert_chain_pems[0].write_to_path(str(chain_only))
     junk = tmp_path / "junk.pem"
     junk.write_text("not a certificate\n")
     args = {"missing": ["--certfile", str(tmp_path / "nothing.pem")],
             "not-a-cert": ["--certfile", str(junk)],
-            "bad-ca-certs": ["--certfile", str(good), "--ca-certs", str(junk)]}[which]
+            "bad-ca-certs": ["--certfile", str(good), "--ca-certs", str(junk)],
+            "no-key": ["--certfile", str(chain_only)],
+            "key-alone": ["--keyfile", str(good)]}[which]
     result = subprocess.run([sys.executable, "-m", "gaman_sync", "examples.echo:block",
                              "--port", "0", *args], cwd=ROOT, capture_output=True, text=True,
                             timeout=WAIT)
@@ -610,6 +636,10 @@ def test_cli_certificate_that_does_not_load_is_one_line_and_exit_2(ca, tmp_path,
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("gaman-sync: error: --"), result.stderr
     assert ("--ca-certs" if which == "bad-ca-certs" else "--certfile") in last
+    if which == "no-key":  # the certificate without its key: say where to look
+        assert "give --keyfile" in last, last
+    if which == "key-alone":  # only the flag given is named
+        assert "--keyfile needs --certfile" in last and "--ca-certs" not in last, last
 
 
 def test_client_cli_accepts_wss(wss_server, ca, tmp_path):

@@ -76,6 +76,11 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m gaman_sync.cli
                              "the system's)")
     parser.add_argument("--insecure", action="store_true",
                         help="for wss://: do not check the server's certificate (testing only)")
+    parser.add_argument("--certfile", metavar="PEM",
+                        help="for wss://: present this client certificate (a server "
+                             "started with --ca-certs asks for one; default: none)")
+    parser.add_argument("--keyfile", metavar="PEM",
+                        help="the client certificate's private key (default: in --certfile)")
     parser.add_argument("--wait", type=float, default=1.0, metavar="SECONDS",
                         help="at the end of stdin, wait for answers until none has come "
                              "for this long (default %(default)s)")
@@ -84,9 +89,11 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m gaman_sync.cli
         parser.error(f"--wait: expected a number of seconds of 0 or more, not {args.wait}")
 
     context = None
-    if args.ca_certs is not None or args.insecure:
+    if args.keyfile is not None and args.certfile is None:
+        parser.error("--keyfile is the key of --certfile: give --certfile too")
+    if args.ca_certs is not None or args.insecure or args.certfile is not None:
         if not args.url.startswith("wss:"):
-            parser.error("--ca-certs and --insecure are for wss:// URLs")
+            parser.error("--ca-certs, --certfile and --insecure are for wss:// URLs")
         try:
             context = ssl.create_default_context(cafile=args.ca_certs)
         except (OSError, ssl.SSLError) as exc:
@@ -95,6 +102,13 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m gaman_sync.cli
         if args.insecure:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
+        if args.certfile is not None:
+            try:
+                context.load_cert_chain(args.certfile, args.keyfile)
+            except (OSError, ssl.SSLError) as exc:
+                parser.error(f"--certfile {args.certfile}: cannot load the certificate and "
+                             f"its key ({getattr(exc, 'strerror', None) or exc}"
+                             f"{'' if args.keyfile else '; is the key in another file? --keyfile'})")
     try:
         conn = connect(args.url, ssl_context=context)
     except (OSError, InvalidHandshake) as exc:  # refused, unreachable, not a WebSocket

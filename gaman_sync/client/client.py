@@ -505,10 +505,27 @@ def _handshake(url: str, handshake: ClientHandshake, sock: Optional[socket.socke
         sock.close()
         raise HandshakeTimeout(f"no answer to the opening handshake from {url} in "
                                f"{open_timeout} s") from None
+    except ssl.SSLError as exc:
+        sock.close()
+        if isinstance(exc, (ssl.SSLCertVerificationError, InvalidCertificate)) \
+                or "failed:" in str(exc):
+            raise  # from _start_tls: it names the URL already
+        # TLS 1.3: the server judges our certificate after its handshake, and
+        # its alert is what the first read gets.
+        raise type(exc)(exc.errno, f"TLS with {url} failed: {_tls_reason(exc)}") from None
     except BaseException:
         sock.close()
         raise
     return (tls if tls is not None else PlainTransport(sock)), handshake
+
+
+def _tls_reason(exc: ssl.SSLError) -> str:
+    # Not every SSLError has a reason (one raised in Python has not).
+    why = str(getattr(exc, "reason", None) or exc.strerror or exc)
+    if "CERTIFICATE_REQUIRED" in why:
+        why += (" (the server asks for a client certificate: load one into ssl_context "
+                "with load_cert_chain)")
+    return why
 
 
 _default: Optional[ssl.SSLContext] = None
@@ -533,9 +550,8 @@ def _start_tls(url: str, sock: socket.socket, host: str, deadline: Optional[floa
     except ssl.SSLCertVerificationError as exc:
         raise InvalidCertificate(url, exc) from None
     except ssl.SSLError as exc:
-        # Not every SSLError has a reason (one raised in Python has not).
-        why = getattr(exc, "reason", None) or exc.strerror or exc
-        raise type(exc)(exc.errno, f"TLS handshake with {url} failed: {why}") from None
+        raise type(exc)(exc.errno, f"TLS handshake with {url} failed: {_tls_reason(exc)}") \
+            from None
     return tls
 
 
