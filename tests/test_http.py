@@ -71,6 +71,8 @@ def site(tmp_path: Path) -> Path:
     (root / "css").mkdir(parents=True)
     (root / "empty").mkdir()
     (root / "index.html").write_text("<h1>home</h1>")
+    (root / "docs").mkdir()
+    (root / "docs" / "index.html").write_text("<h1>docs</h1>")
     (root / "css" / "site.css").write_text("body { color: red }")
     (root / "app.js").write_text("console.log(1)")
     (root / "data.bin").write_bytes(bytes(range(256)))
@@ -99,6 +101,8 @@ def test_a_page_answers_get_and_head(make_server, site):
 @pytest.mark.parametrize("target, expected, kind", [
     ("/s/", b"<h1>home</h1>", "text/html; charset=utf-8"),
     ("/s/index.html", b"<h1>home</h1>", "text/html; charset=utf-8"),
+    ("/s/docs/", b"<h1>docs</h1>", "text/html; charset=utf-8"),  # a folder's index
+    ("/s/docs", b"<h1>docs</h1>", "text/html; charset=utf-8"),
     ("/s/css/site.css", b"body { color: red }", "text/css; charset=utf-8"),
     ("/s/css%2Fsite.css", b"body { color: red }", "text/css; charset=utf-8"),  # inside
     ("/s/in.css", b"body { color: red }", "text/css; charset=utf-8"),  # a link inside

@@ -8,9 +8,9 @@ rule alone, on hypothesis-generated sets of patterns and paths:
   segments; ``params["*"]`` is the rest joined with ``/``);
 - a parameter never matches ``''``, ``.`` or ``..``, nor a value that holds
   one of them between ``/`` once decoded (``%2E%2E%2Fx``), and the rest of a
-  ``*`` never holds one either (a lone trailing ``/`` right after the static
-  part, ``/files/``, is the empty rest): a value can be joined to a
-  directory without climbing out of it;
+  ``*`` never holds one either, but for a trailing ``/`` (``/files/`` is the
+  empty rest, ``/files/docs/`` the rest ``docs/``, a folder): a value can be
+  joined to a directory without climbing out of it;
 - precedence: an exact path (no parameter) wins, then the longest static
   prefix, then the block given first.
 
@@ -64,7 +64,8 @@ def reference(patterns: List[str], raw_path: str) -> Optional[Tuple[int, Dict[st
                 ok = False
         if rest:
             tail = segments[len(fixed):]
-            if tail != [""] and any(_unsafe_value(s) for s in tail):
+            named = tail[:-1] if tail and tail[-1] == "" else tail  # a trailing "/"
+            if any(_unsafe_value(s) for s in named):
                 ok = False
             params["*"] = "/".join(tail)
         if not ok:
@@ -178,6 +179,9 @@ def test_precedence_by_hand():
     assert router.match("/files") == ("rest", {"*": ""})
     assert router.match("/files/../etc") is None
     assert router.match("/files//etc") is None
+    assert router.match("/files/a/") == ("rest", {"*": "a/"})  # a folder
+    assert router.match("/files/a//") is None
+    assert router.match("/files/../") is None
     assert router.match("/rooms/..") is None
     assert router.match("/rooms/%2E%2E") is None
     assert router.match("/rooms/") is None

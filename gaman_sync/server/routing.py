@@ -7,8 +7,9 @@ each segment is percent-decoded once, so an encoded ``%2F`` stays inside its
 segment and never moves a boundary. A parameter never matches an empty
 segment, ``.`` or ``..``, nor a segment that holds one between ``/`` once
 decoded (``%2E%2E%2Fx`` is ``../x``); nor does the rest of a ``*`` (except a
-lone trailing ``/``: ``/files/`` matches ``/files/*`` with an empty rest), so
-that a value can be joined to a file path without climbing out of it.
+trailing ``/``: ``/files/`` matches ``/files/*`` with an empty rest, and
+``/files/docs/`` with ``docs/``, a folder), so that a value can be joined
+to a file path without climbing out of it.
 
 Precedence, when several patterns match:
 
@@ -109,7 +110,9 @@ class Pattern:
                 return None
         if self.rest:
             rest = segments[len(mine):]
-            if rest != [""] and any(_unsafe(s) for s in rest):
+            # A trailing "/" (an empty last segment) names a folder: allowed.
+            named = rest[:-1] if rest and rest[-1] == "" else rest
+            if any(_unsafe(s) for s in named):
                 return None
             params["*"] = "/".join(rest)
         return params
