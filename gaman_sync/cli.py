@@ -63,7 +63,10 @@ def load_blocks(spec: str) -> List[Block]:
     if isinstance(target, (list, tuple)) and target and \
             all(isinstance(b, Block) for b in target):
         return list(target)
-    what = "a function" if callable(target) else f"a {type(target).__name__}"
+    kind = type(target).__name__
+    what = ("a function" if callable(target)
+            else "an empty list" if isinstance(target, (list, tuple)) and not target
+            else f"{'an' if kind[:1] in 'aeiouAEIOU' else 'a'} {kind}")
     hint = (" (a block's handler? pass the Block that define_block() returned)"
             if callable(target) else "")
     raise TypeError(f"{spec} is {what}, not a Block or a list of Blocks{hint}")
@@ -299,7 +302,7 @@ def served_urls(server: WebSocketServer) -> List[str]:
         elif view.upgrades:
             urls.append(ws_url)
         if view.http is not None:
-            urls.append(f"http{ws_url[2:]} (plain HTTP)")  # ws -> http, wss -> https
+            urls.append(f"http{ws_url[2:]} (HTTP)")  # ws -> http, wss -> https
     if server.health_path is not None:
         urls.append(f"http{server.url(server.health_path)[2:]} (health check)")
     return urls

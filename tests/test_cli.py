@@ -220,7 +220,7 @@ def test_several_blocks_are_served_and_each_url_is_logged(running):
     base = f"127.0.0.1:{server.port}"
     expected = [f"http://{base}/health (health check)",
                 f"ws://{base}/echo", f"ws://{base}/chat/:room (redirects to /rooms/:room)",
-                f"ws://{base}/rooms/:room", f"http://{base}/ (plain HTTP)", f"ws://{base}/chat"]
+                f"ws://{base}/rooms/:room", f"http://{base}/ (HTTP)", f"ws://{base}/chat"]
     served = set()
     while len(served) < len(expected):
         served.add(server.wait_line(r"INFO gaman_sync: serving (.*)$").group(1))
@@ -250,6 +250,9 @@ def test_a_signal_shuts_down_gracefully(running, sig):
     finally:
         ws.close()
     assert status == 0, server.lines
+    # Said when it starts (the wait for clients may take shutdown_timeout) and ends.
+    assert any("shutting down: 1 connection(s) closing with 1001" in line
+               for line in server.lines), server.lines
     assert any(line.endswith("shut down") for line in server.lines)
     assert not any("Traceback" in line for line in server.lines), server.lines
 
@@ -362,3 +365,17 @@ def test_readme_command_line_section_lists_exactly_the_flags_of_help():
                if flag.startswith("--")}
     assert in_readme == in_help, (f"only in README: {sorted(in_readme - in_help)}; "
                                   f"only in --help: {sorted(in_help - in_readme)}")
+
+
+@pytest.mark.parametrize("value, words", [
+    ("3", "is an int, not a Block"),
+    ("[]", "is an empty list, not a Block"),
+    ("'x'", "is a str, not a Block"),
+])
+def test_what_is_not_a_block_is_named_in_good_english(tmp_path, monkeypatch, value, words):
+    from gaman_sync.cli import load_blocks
+    name = f"not_blocks_zq{abs(hash(value))}"  # a module of its own per case
+    (tmp_path / f"{name}.py").write_text(f"thing = {value}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(TypeError, match=words):
+        load_blocks(f"{name}:thing")

@@ -411,6 +411,11 @@ class WebSocketServer:
             # The first call's timeout bounds the shutdown, not this one's.
             self._done.wait(max(self._shutdown_deadline - time.monotonic(), 0.0) + 2.0)
             return
+        open_now = len(self._connections)
+        if open_now:
+            # The wait that follows can take the whole timeout: say why.
+            logger.info("shutting down: %d connection(s) closing with 1001, within %g s",
+                        open_now, timeout)
         try:
             self._shutdown(timeout)
         finally:
