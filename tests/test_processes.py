@@ -419,16 +419,18 @@ def test_a_broadcast_through_redis_reaches_the_clients_of_every_worker():
         assert "no broker" not in running.text()
 
 
-def test_workers_that_cannot_reach_redis_at_start_make_the_supervisor_give_up():
+def test_a_redis_that_cannot_be_reached_at_start_is_one_line_before_any_worker():
     with redis_server() as redis:
         url = redis.url
-    # The same port, Redis gone: nothing listens there.
+    # The same port, Redis gone: nothing listens there. The supervisor checks
+    # once, before it forks: one usage line, as without workers.
     with cluster("--workers", "2", "--redis", url) as running:
-        assert running.proc.wait(WAIT) == 1
+        assert running.proc.wait(WAIT) == 2
         running.reader.join(WAIT)
-        last = running.text().strip().splitlines()[-1]
-        assert "before it listened: BrokerUnavailable" in last, last
-        assert "Traceback" not in running.text()
+        lines = running.text().strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("gaman-sync: error: --redis: cannot "
+                                                       "reach Redis"), lines
+        assert "worker" not in lines[0]
 
 
 # -- Warnings and errors --------------------------------------------------------

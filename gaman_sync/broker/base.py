@@ -74,6 +74,11 @@ class Broker(ABC):
         """The broker's live threads (none once stopped)."""
         return []
 
+    def check(self) -> None:
+        """Raise :class:`BrokerUnavailable` if the service cannot be reached
+        now, in the calling thread and starting none (a supervisor checks
+        before it forks its workers). The default checks nothing."""
+
 
 class LocalBroker(Broker):
     """The default: one process, so nothing to carry. A broadcast reaches the

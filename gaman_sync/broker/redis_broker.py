@@ -195,6 +195,21 @@ class RedisBroker(Broker):
         logger.info("broker: Redis at %s, process number %s, channels %s", self.where,
                     self.node, ", ".join(self._channels))
 
+    def check(self) -> None:
+        """Connect to Redis and ``PING`` it, in the calling thread, with a
+        connection closed at once: :class:`BrokerUnavailable` if it does not
+        answer within ``connect_timeout``."""
+        redis = _redis()
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=self._connect_timeout,
+                                      socket_timeout=max(self._connect_timeout, 5.0))
+        try:
+            client.ping()
+        except (redis.RedisError, OSError) as exc:
+            raise BrokerUnavailable(f"cannot reach Redis at {self.where}: {exc} (start Redis, "
+                                    f"or run without a broker)") from exc
+        finally:
+            client.close()
+
     def publish(self, channel: str, payload: bytes) -> None:
         """Queue ``payload`` for the publisher thread; never blocks."""
         item = (channel, self._origin + payload)

@@ -748,6 +748,12 @@ def serve(blocks: Union[Endpoint, Sequence[Endpoint]], host: str = "127.0.0.1",
         except BaseException:
             reservation.close()
             raise
+        try:
+            # Once here, in one line, rather than by each worker as it fails.
+            server.broker.check()
+        except BaseException:
+            reservation.close()
+            raise
         run_workers(server, workers, reservation, warn_broadcast=not server.broker.remote,
                     ready=None if ready is None else functools.partial(ready, server))
         return
