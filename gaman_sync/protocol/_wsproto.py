@@ -30,6 +30,7 @@ from wsproto.frame_protocol import (
     FrameProtocol,
     Opcode,
     ParseFailed,
+    XorMaskerNull,
     XorMaskerSimple,
 )
 
@@ -74,8 +75,8 @@ class _Unmasker:
             turn = len(data) & 3
             if turn:
                 self.key = key[turn:] + key[:turn]
-            if _MASKER_GIVES_BYTES:
-                return bytes(data)  # type: ignore[return-value]
+        if _MASKER_GIVES_BYTES:  # wsproto 1.2 (see _Bytes), also when empty
+            return bytes(data)  # type: ignore[return-value]
         return data
 
 
@@ -91,6 +92,31 @@ class _FrameDecoder(FrameDecoder):
         return True
 
 
+class _Bytes:
+    """wsproto 1.2's masker, returning bytes as wsproto 1.3 does for every
+    payload: 1.2 hands out the bytearray slice of its buffer for an unmasked
+    frame (what a client receives) and for an empty masked one."""
+
+    __slots__ = ("masker",)
+
+    def __init__(self, masker: Union[XorMaskerNull, XorMaskerSimple]) -> None:
+        self.masker = masker
+
+    def process(self, data: bytearray) -> bytes:
+        return bytes(self.masker.process(data))
+
+
+class _BytesFrameDecoder(FrameDecoder):
+    """wsproto 1.2's frame decoder with payloads as bytes (see :class:`_Bytes`)."""
+
+    def parse_header(self) -> bool:
+        if not super().parse_header():
+            return False
+        if self.masker is not None:
+            self.masker = _Bytes(self.masker)  # type: ignore[assignment]
+        return True
+
+
 class Decoder(FrameProtocol):
     """wsproto's frame protocol, with the few things it keeps private made
     into methods, and the close payload checked against the current registry
@@ -102,6 +128,8 @@ class Decoder(FrameProtocol):
         super().__init__(client, [])
         if xor_mask is not None and unmask_in_c and not client:
             self._frame_decoder = _FrameDecoder(self.client, self.extensions)
+        elif _MASKER_GIVES_BYTES:  # wsproto 1.2 (see _Bytes)
+            self._frame_decoder = _BytesFrameDecoder(self.client, self.extensions)
         self._inbox = self._frame_decoder.buffer
 
     @property
@@ -185,8 +213,15 @@ def _check() -> None:
             assert decoder._frame_decoder.masker._masking_key == key
         # Our close parser replaces wsproto's.
         closer = Decoder(client=True)
-        closer.feed(b"\x88\x02" + struct.pack("!H", 1014))
-        (close,) = list(closer.received_frames())
+        closer.feed(b"\x82\x01x\x89\x01p\x88\x02" + struct.pack("!H", 1014))
+        binary, ping, close = list(closer.received_frames())
+        # Payloads are bytes, as wsproto 1.3 gives them (not 1.2).
+        assert type(binary.payload) is bytes and type(ping.payload) is bytes, \
+            (binary, ping)
+        empty = Decoder(client=False, unmask_in_c=False)
+        empty.feed(b"\x82\x80" + key)
+        (nothing,) = list(empty.received_frames())
+        assert type(nothing.payload) is bytes, nothing
         assert close.payload == (1014, ""), close.payload
     except Exception as exc:  # AssertionError, AttributeError, TypeError...
         raise ImportError(
