@@ -42,7 +42,7 @@ from .test_autobahn import (
 # rather than quietly leaving the stand-in under test.
 gaman_connect = getattr(gaman_sync, "connect", None)
 
-pytestmark = pytest.mark.autobahn
+pytestmark = [pytest.mark.autobahn, pytest.mark.slow]
 
 AGENT = "gaman_sync"
 

@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import websockets.version
 from websockets.sync.client import connect
 
 from examples import advanced, basic, chat, echo
@@ -67,6 +68,8 @@ def test_chat_tells_who_is_in_the_room_and_serves_its_page(make_server):
             while names != ["alice", you["name"]]:  # alice's own join first, then the guest's
                 names = [m["name"] for m in json.loads(alice.recv(timeout=WAIT))["members"]]
         event = json.loads(alice.recv(timeout=WAIT))
+        while "joined" in event:  # alice's own join, announced after the guest's
+            event = json.loads(alice.recv(timeout=WAIT))
         assert event["left"]["id"] == you["id"] and event["members"] == [
             {"id": me["id"], "name": "alice"}]
     with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/", timeout=WAIT) as page:
@@ -275,6 +278,9 @@ def test_redirect_example_follows_the_old_path(make_server):
         ws.send("echo")
         assert ws.recv(timeout=WAIT) == "echo"
     assert hops == [(base + "/rooms/hall?x=1", "/rooms/hall?x=1")]
+    if int(websockets.version.version.split(".")[0]) < 16:
+        pytest.skip("websockets' sync client follows redirects from websockets 16 on, "
+                    "which needs Python 3.10")
     with connect(base + "/chat/porch") as ws:  # websockets' client follows it too
         assert ws.recv(timeout=WAIT) == "welcome to porch"
 
