@@ -227,9 +227,13 @@ def test_legacy_loop_broadcasts_readings_and_stops_on_ctrl_c():
     from gaman_sync.testing import TestClient
 
     env = dict(os.environ, PORT="0", INTERVAL="0.05", PYTHONUNBUFFERED="1")
+    # SIGINT to its default in the child: Python raises KeyboardInterrupt only
+    # if it was not ignored at startup, and a job started in the background
+    # (`.ci/run &`) passes SIGINT on ignored.
     proc = subprocess.Popen([sys.executable, "examples/legacy_loop.py"], cwd=ROOT, env=env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout],
