@@ -12,12 +12,24 @@
 // Every phase stops by itself: the measured ones after cfg.duration, every
 // connection attempt after cfg.connectTimeout seconds (20 by default), the
 // whole process after cfg.lifetime seconds.
+//
+// With cfg.tls ({"ca": "PATH"}) every connection speaks TLS (wss://), the
+// server's certificate checked against that CA: ws's client and the lean
+// one both go through Node's tls module.
 
+const fs = require('fs');
 const net = require('net');
+const tls = require('tls');
 const readline = require('readline');
 const WebSocket = require('ws');
 
 const cfg = JSON.parse(process.argv[2]);
+const TLS_CA = cfg.tls ? fs.readFileSync(cfg.tls.ca) : null;
+// A TCP or a TLS connection; `ready` is the event after which to speak.
+function connectSocket(port = cfg.port) {
+  if (TLS_CA) return [tls.connect({ host: HOST, port, ca: TLS_CA }), 'secureConnect'];
+  return [net.connect({ host: HOST, port }), 'connect'];
+}
 const HOST = '127.0.0.1';
 const CONNECT_TIMEOUT = (cfg.connectTimeout || 20) * 1000;
 const REPLY_TIMEOUT = 10000;
@@ -45,7 +57,25 @@ function withTimeout(promise, ms, what) {
   return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
 }
 
+// Text shaped like an application's JSON (records of ids, names, flags),
+// exactly size bytes: what compression meets in practice, unlike 'xxx...'.
+function jsonPayload(size) {
+  const items = [];
+  let text = '';
+  for (let i = 0; ; i++) {
+    items.push({ id: 1000 + i, user: `user-${(i * 7919) % 10007}`, online: i % 3 === 0,
+                 score: (i * 2654435761) % 100000, room: `room-${i % 17}` });
+    const next = JSON.stringify({ items, pad: '' });
+    if (next.length > size) break;
+    text = next;
+  }
+  items.pop();
+  const bare = JSON.stringify({ items, pad: '' });
+  return Buffer.from(JSON.stringify({ items, pad: ' '.repeat(size - bare.length) }));
+}
+
 function payload(size, binary) {
+  if (!binary && cfg.json) return jsonPayload(size);
   if (!binary) return Buffer.alloc(size, 'x');
   const buf = Buffer.alloc(size);
   for (let i = 0; i < size; i++) buf[i] = (i * 31 + 7) & 0xff;
@@ -69,8 +99,9 @@ function open(path, msgSize, onMessage) {
 
 function openWs(path, onMessage) {
   return new Promise((resolve, reject) => {
-    const ws = new WebSocket(`ws://${HOST}:${cfg.port}${path}`, {
-      perMessageDeflate: false,
+    const ws = new WebSocket(`${TLS_CA ? 'wss' : 'ws'}://${HOST}:${cfg.port}${path}`, {
+      ...(TLS_CA ? { ca: TLS_CA } : {}),
+      perMessageDeflate: cfg.deflate ? { threshold: 0 } : false,
       skipUTF8Validation: true,
       handshakeTimeout: CONNECT_TIMEOUT,
       generateMask: zeroMask,
@@ -172,15 +203,35 @@ const CLOSE_1000 = Buffer.from([0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8]);
 
 function clientFrame(payloadBuf) {
   if (cfg.proto === 'tcp') return payloadBuf;
-  if (payloadBuf.length > 125) throw new Error('lean frames are short frames');
-  return Buffer.concat([Buffer.from([0x81, 0x80 | payloadBuf.length, 0, 0, 0, 0]), payloadBuf]);
+  if (payloadBuf.length < 126) {
+    return Buffer.concat([Buffer.from([0x81, 0x80 | payloadBuf.length, 0, 0, 0, 0]), payloadBuf]);
+  }
+  if (payloadBuf.length > 65535) throw new Error('lean frames are under 64 KiB');
+  const head = Buffer.from([0x81, 0x80 | 126, 0, 0, 0, 0, 0, 0]);
+  head.writeUInt16BE(payloadBuf.length, 2);
+  return Buffer.concat([head, payloadBuf]);
 }
 
-function openLean(path, payloadSize, onMessage) {
+// The size of the frame at the start of buf (server frames: unmasked, under
+// 64 KiB), or 0 if its header is not all there.
+function frameSizeAt(buf) {
+  if (buf.length < 2) return 0;
+  const len = buf[1] & 0x7f;
+  if (len < 126) return 2 + len;
+  if (len === 126) return buf.length < 4 ? 0 : 4 + buf.readUInt16BE(2);
+  throw new Error('lean clients take frames under 64 KiB');
+}
+
+function openLean(path, payloadSize, onMessage, port = cfg.port) {
   if (cfg.proto === 'tcp') return openTcp(path, payloadSize, onMessage);
-  const frameSize = payloadSize + 2;
+  // Every frame has the size of the first: the same message each time (with
+  // cfg.deflate, compressed the same way each time: a server that cannot
+  // compress it the same way each time is not measured right).
+  let frameSize = 0;
+  let first = Buffer.alloc(0);
+  const offer = cfg.deflate ? 'Sec-WebSocket-Extensions: permessage-deflate\r\n' : '';
   return new Promise((resolve, reject) => {
-    const sock = net.connect({ host: HOST, port: cfg.port });
+    const [sock, ready] = connectSocket(port);
     sock.setNoDelay(true);
     let opened = false;
     let head = '';
@@ -201,10 +252,11 @@ function openLean(path, payloadSize, onMessage) {
         });
       },
     };
-    sock.on('connect', () =>
+    sock.on(ready, () =>
       sock.write(
-        `GET ${path} HTTP/1.1\r\nHost: ${HOST}:${cfg.port}\r\nUpgrade: websocket\r\n` +
-          `Connection: Upgrade\r\nSec-WebSocket-Key: ${KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n`,
+        `GET ${path} HTTP/1.1\r\nHost: ${HOST}:${port}\r\nUpgrade: websocket\r\n` +
+          `Connection: Upgrade\r\nSec-WebSocket-Key: ${KEY}\r\nSec-WebSocket-Version: 13\r\n` +
+          `${offer}\r\n`,
       ),
     );
     sock.on('data', (chunk) => {
@@ -216,10 +268,20 @@ function openLean(path, payloadSize, onMessage) {
           sock.destroy(new Error(`handshake refused: ${head.split('\r\n')[0]}`));
           return;
         }
+        if (cfg.deflate && !/permessage-deflate/i.test(head.slice(0, end))) {
+          sock.destroy(new Error('permessage-deflate not accepted'));
+          return;
+        }
         opened = true;
         clearTimeout(timer);
         resolve(conn);
         chunk = Buffer.from(head.slice(end + 4), 'latin1');
+      }
+      if (!frameSize) {
+        first = Buffer.concat([first, chunk]);
+        frameSize = frameSizeAt(first);
+        if (!frameSize) return;
+        chunk = first;
       }
       pending += chunk.length;
       while (pending >= frameSize) {
@@ -354,14 +416,19 @@ scenarios.handshake = () => ({
 
 // cfg.conns clients on /broadcast; the first also sends. It keeps at most
 // cfg.window broadcasts in flight (counted from the deliveries), so the
-// server's buffers stay small and never trip a slow-client limit.
+// server's buffers stay small and never trip a slow-client limit. With
+// cfg.ports (servers sharing a broker), the clients take each port in turn.
 scenarios.broadcast = () => {
   let conns = [];
   let onDelivery = () => {};
   let closed = 0;
+  let turn = 0;
+  const opener = cfg.ports
+    ? (path, size, onMessage) => openLean(path, size, onMessage, cfg.ports[turn++ % cfg.ports.length])
+    : openLean;
   return {
     async setup() {
-      const opened = await openMany(cfg.conns, '/broadcast', cfg.size, () => onDelivery(), 100, 0, openLean);
+      const opened = await openMany(cfg.conns, '/broadcast', cfg.size, () => onDelivery(), 100, 0, opener);
       conns = opened.conns;
       if (opened.failed) throw new Error(`${opened.failed} connections failed: ${opened.firstError}`);
       for (const c of conns) c.onclose = () => closed++;
@@ -424,6 +491,18 @@ scenarios.hold = () => {
       const opened = await openMany(cfg.conns, '/echo', 32, () => onReply(), cfg.parallel, cfg.maxFailures);
       conns = opened.conns;
       for (const c of conns) c.onclose = () => lost++;
+      if (cfg.deflate) {
+        // One compressed message each way per connection, echoed, before
+        // the server's memory is read: whatever compression keeps per
+        // connection after a message is then counted.
+        let replies = 0;
+        onReply = () => replies++;
+        const msg = jsonPayload(2048);
+        for (const c of conns) c.send(msg, false);
+        const until = now() + REPLY_TIMEOUT;
+        while (replies < conns.length && now() < until) await sleep(10);
+        onReply = () => {};
+      }
       return {
         held: conns.length,
         failed: opened.failed,

@@ -30,6 +30,7 @@ import queue
 import resource
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -37,7 +38,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SERVERS_PY = os.path.join(HERE, "servers.py")
@@ -58,7 +59,12 @@ PROBE_TIMEOUT = 5
 STAMPEDE_TIMEOUT = 5
 # The scenarios whose measured phase is all load: the ones where the load
 # generator's share of a core says whether it was the bottleneck.
-TIMED = ("echo-1", "echo-16", "echo-100", "echo-1mib", "handshakes", "broadcast")
+TIMED = ("echo-1", "echo-16", "echo-100", "echo-1mib", "handshakes", "broadcast",
+         "wss-echo-16", "wss-echo-1mib", "wss-handshakes", "broadcast-room",
+         "broadcast-redis", "broadcast-4k", "broadcast-4k-deflate")
+# The wss scenarios' certificate (made at start with trustme): the servers
+# load it, the load generator checks it against the CA.
+CERTS: Dict[str, str] = {}
 # How long the mass disconnect may take before the server counts as stuck.
 CLEANUP_LIMIT = 10
 
@@ -77,15 +83,25 @@ class ServerSpec:
     # import path: --baseline runs another checkout's gaman_sync.
     script: Optional[str] = None
     pythonpath: Optional[str] = None
+    tls: bool = False  # serves wss:// (servers.py's tls_context)
 
 
 _SMALL_ECHO_ONLY = {key: "small-message echo only" for key in (
     "echo-1mib", "handshakes", "broadcast", "memory", "idle", "mass-disconnect")}
+# Several processes: the scenarios that read one process's threads, memory
+# or descriptors do not apply, nor does broadcast (without a broker each
+# worker reaches its own clients only).
+_WORKERS_CANNOT = {key: "one process only" for key in ("memory", "idle", "mass-disconnect")}
+_WORKERS_CANNOT["broadcast"] = "no broker: a worker's broadcast reaches its own clients only"
 
 SERVER_SPECS = [
-    ServerSpec("gaman_sync", "gaman_sync", "gaman_sync"),
-    ServerSpec("websockets-sync", "websockets sync", "websockets"),
-    ServerSpec("websockets-asyncio", "websockets asyncio", "websockets"),
+    ServerSpec("gaman_sync", "gaman_sync", "gaman_sync", tls=True),
+    # serve(workers=2): two processes on one port (SO_REUSEPORT); the
+    # server's CPU is the supervisor's and its workers' together.
+    ServerSpec("gaman_sync-workers2", "gaman_sync, 2 workers", "gaman_sync",
+               cannot=_WORKERS_CANNOT),
+    ServerSpec("websockets-sync", "websockets sync", "websockets", tls=True),
+    ServerSpec("websockets-asyncio", "websockets asyncio", "websockets", tls=True),
     ServerSpec("simple-websocket", "simple-websocket", "simple_websocket"),
     ServerSpec("websocket-server", "websocket-server", "websocket_server", optional=True,
                cannot={"echo-1mib": "binary frames unsupported"}),
@@ -121,6 +137,21 @@ def proc_status(pid: int) -> Dict[str, int]:
     return out
 
 
+def process_tree(pid: int) -> List[int]:
+    """``pid`` and its descendants (the children its main thread forked, as
+    a supervisor of worker processes does, and theirs)."""
+    pids, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        pids.append(current)
+        try:
+            with open(f"/proc/{current}/task/{current}/children") as f:
+                todo.extend(int(child) for child in f.read().split())
+        except OSError:
+            pass
+    return pids
+
+
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -141,14 +172,18 @@ class BenchError(Exception):
 class Server:
     """A server under test in its own process; stderr goes to a log file."""
 
-    def __init__(self, spec: ServerSpec, log_dir: str) -> None:
+    def __init__(self, spec: ServerSpec, log_dir: str, tls: bool = False,
+                 env_extra: Optional[Dict[str, str]] = None) -> None:
         self.spec = spec
         self.log_path = os.path.join(log_dir, f"{spec.name}.log")
-        log = open(self.log_path, "ab")  # noqa: SIM115 (closed after Popen)
-        env = None
+        log = open(self.log_path, "ab")
+        env = dict(os.environ, **(env_extra or {}))
+        env.pop("BENCH_CERTFILE", None)
+        if tls:
+            env.update(BENCH_CERTFILE=CERTS["cert"], BENCH_KEYFILE=CERTS["key"])
         if spec.pythonpath:
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-                p for p in (spec.pythonpath, os.environ.get("PYTHONPATH")) if p))
+            env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (spec.pythonpath, os.environ.get("PYTHONPATH")) if p)
         self.proc = subprocess.Popen(
             [sys.executable, SERVERS_PY, spec.script or spec.name], stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=log, start_new_session=True, env=env)
@@ -164,10 +199,25 @@ class Server:
         return self.proc.poll() is None
 
     def cpu(self) -> float:
-        return cpu_seconds(self.pid)
+        """The CPU time of the server's processes (one, or a supervisor and
+        its workers); a worker that ended takes its time with it."""
+        total = 0.0
+        for pid in process_tree(self.pid):
+            try:
+                total += cpu_seconds(pid)
+            except OSError:  # ended meanwhile
+                pass
+        return total
 
     def status(self) -> Dict[str, int]:
-        return proc_status(self.pid)
+        totals: Dict[str, int] = {}
+        for pid in process_tree(self.pid):
+            try:
+                for key, value in proc_status(pid).items():
+                    totals[key] = totals.get(key, 0) + value
+            except OSError:
+                pass
+        return totals
 
     def wait_quiet(self, settle: float = 0.3, limit: float = 10.0) -> None:
         """Wait until threads and CPU time stop changing for ``settle`` s."""
@@ -183,11 +233,62 @@ class Server:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
+        try:  # its process group, workers included (start_new_session)
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self.proc.wait()
         if self.proc.stdout:
             self.proc.stdout.close()
+
+
+class Cluster:
+    """Two server processes of one spec sharing a redis-server started here
+    (127.0.0.1, a free port, nothing saved): the broadcast-redis scenario.
+    Its CPU is the two servers' and Redis's."""
+
+    def __init__(self, spec: ServerSpec, log_dir: str) -> None:
+        if shutil.which("redis-server") is None:
+            raise BenchError("redis-server is not installed (apt-get install redis-server)")
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.redis = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--logfile", ""], stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        self.servers: List[Server] = []
+        try:
+            deadline = time.monotonic() + 10
+            while b"Ready to accept connections" not in _readline_with_timeout(
+                    self.redis.stdout, max(deadline - time.monotonic(), 0.1)):
+                if time.monotonic() > deadline or self.redis.poll() is not None:
+                    raise BenchError("redis-server did not start")
+            threading.Thread(target=self.redis.stdout.read, daemon=True).start()
+            url = f"redis://127.0.0.1:{port}/0"
+            for _ in range(2):
+                self.servers.append(Server(spec, log_dir, env_extra={"GAMAN_BENCH_REDIS": url}))
+        except BaseException:
+            self.stop()
+            raise
+        self.ports = [server.port for server in self.servers]
+        self.port = self.ports[0]
+
+    def alive(self) -> bool:
+        return all(server.alive() for server in self.servers) and self.redis.poll() is None
+
+    def cpu(self) -> float:
+        return sum(server.cpu() for server in self.servers) + self.redis_cpu()
+
+    def redis_cpu(self) -> float:
+        return cpu_seconds(self.redis.pid)
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+        if self.redis.poll() is None:
+            self.redis.kill()
+        self.redis.wait()
 
 
 class JsonLineProcess:
@@ -200,7 +301,7 @@ class JsonLineProcess:
     def __init__(self, proc: subprocess.Popen) -> None:
         self.proc = proc
         self.pid = proc.pid
-        self.events: queue.Queue[Optional[dict]] = queue.Queue()
+        self.events: "queue.Queue[Optional[dict]]" = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -336,7 +437,10 @@ class Outcome:
 class Scenario:
     key: str
     metrics: Sequence[Metric]
-    run: Callable[[Context, Server], Outcome]
+    run: Callable[["Context", Any], Outcome]
+    tls: bool = False  # wss://: the servers serve TLS, the load generator speaks it
+    cluster: bool = False  # two processes of the server and a Redis (gaman_sync only)
+    env: Optional[Dict[str, str]] = None  # for the server process (gaman_sync only)
 
 
 @dataclass
@@ -347,17 +451,19 @@ class Context:
     memory_conns: int
     broadcast_conns: int
     proto: str = "ws"
+    tls: bool = False
 
     def loadgen(self, port: int, **config) -> LoadGen:
         config.setdefault("lifetime", 600)
+        if self.tls:
+            config["tls"] = {"ca": CERTS["ca"]}
         return LoadGen({"port": port, "proto": self.proto, **config})
 
 
 def machine_busy() -> float:
     """CPU seconds the whole machine has spent not idle, from /proc/stat."""
     with open("/proc/stat") as f:
-        fields = map(int, f.readline().split()[1:9])
-        user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+        user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
     return (user + nice + system + irq + softirq + steal) / TICK
 
 
@@ -374,7 +480,7 @@ class Window:
         return (time.monotonic(), self.server.cpu(), sum(g.cpu() for g in self.gens),
                 machine_busy(), cpu_seconds(os.getpid()))
 
-    def close(self, out: Outcome) -> Outcome:
+    def close(self, out: "Outcome") -> "Outcome":
         end = self._sample()
         wall, server, gen, busy, own = (b - a for a, b in zip(self.start, end))
         out.wall, out.server_cpu, out.gen_cpu = wall, server, gen
@@ -419,18 +525,41 @@ def run_broadcast(ctx: Context, server: Server) -> Outcome:
                                 "size": 64, "window": 16})
 
 
+def run_broadcast_json(deflate: bool) -> Callable[[Context, Server], Outcome]:
+    """A 4 KiB JSON text broadcast; with ``deflate``, every client offers
+    permessage-deflate (a server that refuses it has no figure)."""
+    return lambda ctx, server: _timed(ctx, server, {
+        "mode": "broadcast", "conns": ctx.broadcast_conns, "size": 4096, "json": True,
+        "deflate": deflate, "window": 16})
+
+
+def run_broadcast_redis(ctx: Context, cluster: Cluster) -> Outcome:
+    """The broadcast scenario with the clients spread over two processes
+    that share a Redis: the sender's process delivers to its half at once,
+    the other gets each message through Redis."""
+    redis_before = cluster.redis_cpu()
+    out = _timed(ctx, cluster, {"mode": "broadcast", "conns": ctx.broadcast_conns,
+                                "size": 64, "window": 16, "ports": cluster.ports})
+    if out.wall:
+        out.notes.append(f"server CPU includes Redis's "
+                         f"{(cluster.redis_cpu() - redis_before) / out.wall:.2f} cores")
+    return out
+
+
 class Hold:
     """A load.js holding ``conns`` idle connections, with the server's state
     from before they opened (after the warm-up, once the server is quiet)."""
 
-    def __init__(self, ctx: Context, server: Server, conns: int, max_failures: int) -> None:
+    def __init__(self, ctx: Context, server: Server, conns: int, max_failures: int,
+                 deflate: bool = False) -> None:
         self.requested = conns
         # A few failures are a result worth reporting (fds or threads running
         # out); many mean the server stopped accepting, and waiting for each
         # remaining connection to time out would teach nothing more.
         self.gen = ctx.loadgen(server.port, mode="hold", conns=conns, parallel=100, rtts=20,
                                maxFailures=max_failures, connectTimeout=10,
-                               echoTimeout=STAMPEDE_TIMEOUT, probeTimeout=PROBE_TIMEOUT)
+                               echoTimeout=STAMPEDE_TIMEOUT, probeTimeout=PROBE_TIMEOUT,
+                               deflate=deflate)
         try:
             self.gen.wait("warm", 30)
             server.wait_quiet()
@@ -452,8 +581,12 @@ class Hold:
                 f"{self.ready['failed']} failed ({self.ready.get('firstError')})")
 
 
-def run_memory(ctx: Context, server: Server) -> Outcome:
-    hold = Hold(ctx, server, ctx.memory_conns, max_failures=0)
+def run_memory_deflate(ctx: Context, server: Server) -> Outcome:
+    return run_memory(ctx, server, deflate=True)
+
+
+def run_memory(ctx: Context, server: Server, deflate: bool = False) -> Outcome:
+    hold = Hold(ctx, server, ctx.memory_conns, max_failures=0, deflate=deflate)
     try:
         if hold.shortfall():
             raise BenchError(hold.shortfall())
@@ -579,10 +712,31 @@ def scenarios(ctx: Context) -> List[Scenario]:
                  run_echo(1, 2**20, True)),
         Scenario("handshakes", [Metric("rate", "handshakes (connect, handshake, close), "
                                                "16 in parallel", "/s")], run_handshakes),
+        Scenario("wss-echo-16", [Metric("rate", "wss: echo 32 B text, 16 connections",
+                                        "msg/s")], run_echo(16, 32, False), tls=True),
+        Scenario("wss-echo-1mib", [Metric("rate", "wss: echo 1 MiB binary, 1 connection",
+                                          "MiB/s")], run_echo(1, 2**20, True), tls=True),
+        Scenario("wss-handshakes", [Metric("rate", "wss: handshakes (TCP, TLS, WebSocket, "
+                                                   "close), 16 in parallel", "/s")],
+                 run_handshakes, tls=True),
         Scenario("broadcast", [Metric("rate", f"broadcast 64 B to {bc:,} clients",
                                       "deliveries/s")], run_broadcast),
+        Scenario("broadcast-4k", [Metric("rate", f"broadcast 4 KiB JSON to {bc:,} clients",
+                                         "deliveries/s")], run_broadcast_json(False)),
+        Scenario("broadcast-4k-deflate", [Metric(
+            "rate", f"broadcast 4 KiB JSON to {bc:,} clients, permessage-deflate",
+            "deliveries/s")], run_broadcast_json(True)),
+        Scenario("broadcast-room", [Metric("rate", f"broadcast 64 B to a room of {bc:,}",
+                                           "deliveries/s")], run_broadcast,
+                 env={"GAMAN_BENCH_ROOM": "1"}),
+        Scenario("broadcast-redis", [Metric("rate", f"broadcast 64 B to {bc:,} clients, "
+                                            "2 processes through Redis", "deliveries/s")],
+                 run_broadcast_redis, cluster=True),
         Scenario("memory", [Metric("kib", f"memory per idle connection, {mem:,} open",
                                    "KiB", True)], run_memory),
+        Scenario("memory-deflate", [Metric(
+            "kib", f"memory per connection, {mem:,} open, permessage-deflate, after one "
+                   "compressed message each", "KiB", True)], run_memory_deflate),
         Scenario("idle", [
             Metric("open", f"{idle:,} idle connections: opening rate", "conn/s"),
             Metric("rtt", f"{idle:,} idle: echo RTT of a new client", "ms", True),
@@ -602,10 +756,18 @@ def scenarios(ctx: Context) -> List[Scenario]:
 def run_one(ctx: Context, spec: ServerSpec, scenario: Scenario, log_dir: str) -> Outcome:
     if scenario.key in spec.cannot:
         return Outcome(error="n/a: " + spec.cannot[scenario.key])
+    if scenario.tls and not spec.tls:
+        return Outcome(error="n/a: no TLS in this adapter")
+    if scenario.cluster and spec.name != "gaman_sync":
+        return Outcome(error="n/a: gaman_sync's Redis broker only")
+    if scenario.env and spec.name != "gaman_sync":
+        return Outcome(error="n/a: gaman_sync only")
     ctx.proto = spec.proto
-    server = None
+    ctx.tls = scenario.tls
+    server: Any = None
     try:
-        server = Server(spec, log_dir)
+        server = (Cluster(spec, log_dir) if scenario.cluster
+                  else Server(spec, log_dir, tls=scenario.tls, env_extra=scenario.env))
         outcome = scenario.run(ctx, server)
         if not server.alive():
             outcome.notes.append("the server process died")
@@ -627,6 +789,18 @@ def available(spec: ServerSpec) -> Optional[str]:
     except ImportError as exc:
         return str(exc)
     return None
+
+
+HOST_IP = "127.0.0.1"
+
+
+def _has_tls(checkout: str) -> bool:
+    """Does the gaman_sync of ``checkout`` serve wss:// (ssl_context=)?"""
+    try:
+        with open(os.path.join(checkout, "gaman_sync", "server", "server.py")) as f:
+            return "ssl_context" in f.read()
+    except OSError:
+        return False
 
 
 def fmt_value(value: Optional[float]) -> str:
@@ -665,13 +839,13 @@ def bounded_median(pairs: Sequence[tuple]) -> tuple:
     return value, (bounds.pop() if len(bounds) == 1 else "?" if bounds else "")
 
 
-def value_of(run: Outcome, key: str) -> Optional[tuple]:
+def value_of(run: "Outcome", key: str) -> Optional[tuple]:
     if key not in run.values:
         return None
     return run.values[key], ">" if key in run.atleast else ""
 
 
-def round_ratios(runs: Sequence[Outcome], refs: Sequence[Outcome], key: str) -> List[tuple]:
+def round_ratios(runs: Sequence["Outcome"], refs: Sequence["Outcome"], key: str) -> List[tuple]:
     """Each round's value over the reference's value in the same round.
     Neighbours in time share the machine's state (clock, idle states, other
     load) far better than rounds do, so pairing them cancels most of it."""
@@ -714,13 +888,15 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def render(results, specs: List[ServerSpec], scens: List[Scenario], header: str) -> str:
-    """The markdown report: the full table, then the ratios at a glance."""
+def render(results, specs: List[ServerSpec], scens: List[Scenario], header: str,
+           reference: str = REFERENCE) -> str:
+    """The markdown report: the full table, then the ratios at a glance,
+    each value over ``reference``'s in the same round."""
     names = [s.name for s in specs]
     label = {s.name: s.label for s in specs}
     rounds = max((len(runs) for runs in results.values()), default=0)
     spread = rounds > 1
-    ref_label = label.get(REFERENCE, REFERENCE)
+    ref_label = label.get(reference, reference)
     lines = [header, "",
              "| scenario | server | median | " + ("min–max | " if spread else "")
              + f"× {ref_label} | server CPU s | load-gen CPU s | notes |",
@@ -729,7 +905,7 @@ def render(results, specs: List[ServerSpec], scens: List[Scenario], header: str)
     for scen in scens:
         for m_index, metric in enumerate(scen.metrics):
             key, first = metric.key, m_index == 0
-            refs = results.get((scen.key, REFERENCE), [])
+            refs = results.get((scen.key, reference), [])
             unit = metric.unit + (", lower is better" if metric.lower_is_better else "")
             for i, name in enumerate(names):
                 runs = results.get((scen.key, name), [])
@@ -749,8 +925,8 @@ def render(results, specs: List[ServerSpec], scens: List[Scenario], header: str)
                     + f"{ratio_text} | {fmt_value(median_or_none([r.server_cpu for r in runs]))} | "
                     f"{fmt_value(median_or_none([r.gen_cpu for r in runs]))} | "
                     f"{'; '.join(notes)} |")
-    others = [n for n in names if n != REFERENCE]
-    if REFERENCE in names and others:
+    others = [n for n in names if n != reference]
+    if reference in names and others:
         lines += ["", f"Ratios to {ref_label} at a glance (medians of each round's ratio; "
                       "above 1 is more, not necessarily better: see the units):", "",
                   "| scenario | " + " | ".join(label[n] for n in others) + " |",
@@ -763,8 +939,8 @@ def render(results, specs: List[ServerSpec], scens: List[Scenario], header: str)
 
 
 def _notes(scen: Scenario, metric: Metric, first: bool, runs: Sequence[Outcome]) -> List[str]:
-    """What a row of the table needs said: failures, a saturated load
-    generator or a busy machine (on the scenario's first row), then the notes
+    """What a row of the table needs said: failures, the load generator's
+    share of a core (saturated or not) or a busy machine (on the scenario's first row), then the notes
     of the run nearest the median, since their numbers vary from round to
     round (every run's are in --json)."""
     notes: List[str] = []
@@ -777,6 +953,8 @@ def _notes(scen: Scenario, metric: Metric, first: bool, runs: Sequence[Outcome])
               if r.gen_cpu is not None and r.wall and scen.key in TIMED]
     if first and shares and max(shares) >= SATURATED:
         notes.append(f"load generator saturated ({max(shares):.0%} of a core)")
+    elif first and shares:
+        notes.append(f"load generator at {statistics.median(shares):.0%} of a core")
     busy = [r.background for r in runs if r.background is not None and r.background > BACKGROUND]
     if first and busy:
         notes.append(f"machine busy elsewhere in {len(busy)}/{n} runs "
@@ -810,7 +988,8 @@ def rerender(path: str) -> tuple:
     for run in sorted(saved["runs"], key=lambda r: r["round"]):
         fields = {k: v for k, v in run.items() if k not in ("scenario", "server", "round")}
         results.setdefault((run["scenario"], run["server"]), []).append(Outcome(**fields))
-    return render(results, specs, scens, saved["header"]), saved["command"]
+    return (render(results, specs, scens, saved["header"],
+                   saved.get("reference", REFERENCE)), saved["command"])
 
 
 def bench_parser(doc: str, option: str, names: Sequence[str]) -> argparse.ArgumentParser:
@@ -874,12 +1053,16 @@ def update_readme(report: str, command: str) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = bench_parser(__doc__, "--servers", [s.name for s in SERVER_SPECS])
     parser.add_argument("--scenarios", help="comma-separated, from: echo-1, echo-16, "
-                        "echo-100, echo-1mib, handshakes, broadcast, memory, idle, "
-                        "mass-disconnect")
+                        "echo-100, echo-1mib, handshakes, wss-echo-16, wss-echo-1mib, "
+                        "wss-handshakes, broadcast, broadcast-room, broadcast-redis (needs "
+                        "redis-server), memory, idle, mass-disconnect")
     parser.add_argument("--quick", action="store_true",
                         help="one short round, 5,000 idle connections, 2,000 dropped")
     parser.add_argument("--idle-conns", type=int, help="default 10000 (--quick 5000)")
     parser.add_argument("--mass-conns", type=int, help="default 5000 (--quick 2000)")
+    parser.add_argument("--reference", default=REFERENCE, metavar="SERVER",
+                        help="the server of the ratio column (default %(default)s; e.g. "
+                             "gaman_sync against gaman_sync-workers2)")
     parser.add_argument("--json", metavar="FILE", help="also write every run's numbers here")
     parser.add_argument("--baseline", metavar="DIR",
                         help="also run the gaman_sync of another checkout (e.g. a git "
@@ -918,7 +1101,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"--baseline: no gaman_sync package in {args.baseline}")
         specs.insert(1, ServerSpec("gaman_sync-baseline", "gaman_sync (baseline)", "gaman_sync",
                                    script="gaman_sync",
-                                   pythonpath=os.path.abspath(args.baseline)))
+                                   pythonpath=os.path.abspath(args.baseline),
+                                   tls=_has_tls(args.baseline)))
     specs = pick(parser, "servers", args.servers, specs, lambda s: s.name)
     for spec in list(specs):
         missing = available(spec)
@@ -927,10 +1111,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 parser.error(f"{spec.name} is not installed: {missing}")
             print(f"skipping {spec.name}: {missing} (pip install -e .[bench])", file=sys.stderr)
             specs.remove(spec)
-    if REFERENCE not in {s.name for s in specs}:
-        print(f"{REFERENCE} is not in this run: no ratios", file=sys.stderr)
+    if args.reference not in {s.name for s in specs}:
+        print(f"{args.reference} is not in this run: no ratios", file=sys.stderr)
     scens = pick(parser, "scenarios", args.scenarios, scenarios(ctx), lambda s: s.key)
 
+    cert_dir = None
+    if any(scen.tls for scen in scens):
+        try:
+            import trustme
+        except ImportError:
+            parser.error("the wss scenarios need trustme: pip install -e .[bench]")
+        cert_dir = tempfile.mkdtemp(prefix="gaman-bench-certs-")
+        ca = trustme.CA()
+        cert = ca.issue_cert(HOST_IP)
+        CERTS.update(ca=os.path.join(cert_dir, "ca.pem"), cert=os.path.join(cert_dir, "cert.pem"),
+                     key=os.path.join(cert_dir, "key.pem"))
+        ca.cert_pem.write_to_path(CERTS["ca"])
+        cert.cert_chain_pems[0].write_to_path(CERTS["cert"])
+        cert.private_key_pem.write_to_path(CERTS["key"])
     log_dir = tempfile.mkdtemp(prefix="gaman-bench-")
     results: Dict[tuple, List[Outcome]] = {}
     started = time.monotonic()
@@ -959,13 +1157,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{os.cpu_count()} × {cpu_model()}, Linux {platform.release()}, "
               + ", ".join(f"{k} {v}" for k, v in ver.items())
               + f"; {time.monotonic() - started:.0f} s in all")
-    report = render(results, specs, scens, header)
+    report = render(results, specs, scens, header, args.reference)
     print(report)
     tidy_logs(log_dir, "server stderr")
+    if cert_dir is not None:
+        shutil.rmtree(cert_dir, ignore_errors=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"header": header, "command": command, "versions": ver,
-                       "context": {k: v for k, v in vars(ctx).items() if k != "proto"},
+                       "reference": args.reference,
+                       "context": {k: v for k, v in vars(ctx).items()
+                                   if k not in ("proto", "tls")},
                        "servers": [s.name for s in specs], "scenarios": [s.key for s in scens],
                        "runs": [
                 {"scenario": k[0], "server": k[1], "round": i + 1, **vars(o)}

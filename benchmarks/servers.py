@@ -9,18 +9,25 @@ Every server listens on 127.0.0.1 (an ephemeral port), prints ``READY
 
 The adapters give every server the same settings: messages up to
 ``MESSAGE_LIMIT``, no compression, no keepalive pings, TCP_NODELAY on every
-connection and a listen backlog of ``BACKLOG``. Everything else stays at each
+connection and a listen backlog of ``BACKLOG``. With ``BENCH_CERTFILE`` and
+``BENCH_KEYFILE`` in the environment (the wss scenarios), the servers that
+can serve TLS get the same ``ssl.SSLContext(PROTOCOL_TLS_SERVER)`` with that
+certificate; the others refuse to start. Everything else stays at each
 library's defaults. ``tcp-echo`` is not WebSocket: it is the ceiling, a thread
 per connection that echoes bytes, with a one-line greeting (the path) instead
 of a handshake (``/broadcast SIZE`` for broadcast clients, since TCP keeps
 no message boundaries), which the load generator speaks in its ``tcp`` mode.
+``gaman_sync-workers2`` is gaman_sync's ``serve(workers=2)``: a supervisor
+and two worker processes on one port; ``run.py`` counts the CPU of all three.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import socket
+import ssl
 import sys
 import threading
 
@@ -51,10 +58,25 @@ def nodelay(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def tls_context():
+    """The servers' TLS settings, or None for plain ws://."""
+    certfile = os.environ.get("BENCH_CERTFILE")
+    if not certfile:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certfile, os.environ.get("BENCH_KEYFILE") or None)
+    return context
+
+
+def no_tls(name: str) -> None:
+    if tls_context() is not None:
+        sys.exit(f"{name} does not serve TLS here")
+
+
 # -- gaman_sync --------------------------------------------------------------
 
-def run_gaman_sync() -> None:
-    from gaman_sync import WebSocketServer, define_block
+def _gaman_sync_blocks() -> list:
+    from gaman_sync import define_block
 
     def echo(ctx):
         return {"on_message": ctx.send}
@@ -62,14 +84,59 @@ def run_gaman_sync() -> None:
     def broadcast(ctx):
         return {"on_message": ctx.server.broadcast}
 
-    # gaman_sync sets TCP_NODELAY itself and never compresses.
-    server = WebSocketServer(
-        [define_block("/echo", echo), define_block("/broadcast", broadcast)],
-        host=HOST, port=0, backlog=BACKLOG, max_message_size=MESSAGE_LIMIT,
-        ping_interval=None, max_connections=20000)
+    def broadcast_room(ctx):
+        # GAMAN_BENCH_ROOM (run.py's broadcast-room): every client in one room.
+        ctx.join("all")
+        send = ctx.server.broadcast
+        return {"on_message": lambda message: send(message, room="all")}
+
+    if os.environ.get("GAMAN_BENCH_ROOM"):
+        broadcast = broadcast_room
+
+    return [define_block("/echo", echo), define_block("/broadcast", broadcast)]
+
+
+def _gaman_sync_options() -> dict:
+    # gaman_sync sets TCP_NODELAY itself, and compresses only when offered
+    # (the load generator offers only in the -deflate scenarios). With
+    # GAMAN_BENCH_REDIS (run.py's broadcast-redis), broadcasts go through Redis.
+    options = dict(backlog=BACKLOG, max_message_size=MESSAGE_LIMIT,
+                   ping_interval=None, max_connections=20000)
+    context = tls_context()
+    if context is not None:
+        options["ssl_context"] = context
+    if os.environ.get("GAMAN_BENCH_REDIS"):
+        from gaman_sync import RedisBroker
+        options["broker"] = RedisBroker(os.environ["GAMAN_BENCH_REDIS"])
+    return options
+
+
+def run_gaman_sync() -> None:
+    from gaman_sync import WebSocketServer
+
+    server = WebSocketServer(_gaman_sync_blocks(), host=HOST, port=0, **_gaman_sync_options())
     server.start()
     ready(server.port)
     wait_forever()
+
+
+def run_gaman_sync_workers(count: int) -> None:
+    """``serve(workers=count)``: READY once the supervisor logs that every
+    worker listens (its log line names the port)."""
+    import re
+
+    from gaman_sync import serve
+
+    class Ready(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            found = re.match(r"\d+ worker\(s\) listening on .*:(\d+)$", record.getMessage())
+            if found:
+                ready(int(found.group(1)))
+
+    log = logging.getLogger("gaman_sync")
+    log.setLevel(logging.INFO)
+    log.addHandler(Ready())
+    serve(_gaman_sync_blocks(), host=HOST, port=0, workers=count, **_gaman_sync_options())
 
 
 # -- websockets, threads -------------------------------------------------------
@@ -108,7 +175,7 @@ def run_websockets_sync() -> None:
 
     # websockets' threaded server sets TCP_NODELAY on each connection itself.
     server = serve(handler, HOST, 0, max_size=MESSAGE_LIMIT, compression=None,
-                   ping_interval=None, backlog=BACKLOG)
+                   ping_interval=None, backlog=BACKLOG, ssl=tls_context())
     ready(server.socket.getsockname()[1])
     server.serve_forever()
 
@@ -141,7 +208,7 @@ def run_websockets_asyncio() -> None:
     async def main():
         # asyncio sets TCP_NODELAY on every TCP transport it creates.
         async with serve(handler, HOST, 0, max_size=MESSAGE_LIMIT, compression=None,
-                         ping_interval=None, backlog=BACKLOG) as server:
+                         ping_interval=None, backlog=BACKLOG, ssl=tls_context()) as server:
             ready(server.sockets[0].getsockname()[1])
             await asyncio.Event().wait()
 
@@ -477,6 +544,7 @@ def run_tcp_echo_wsproto_asyncio() -> None:
 
 SERVERS = {
     "gaman_sync": run_gaman_sync,
+    "gaman_sync-workers2": lambda: run_gaman_sync_workers(2),
     "websockets-sync": run_websockets_sync,
     "websockets-asyncio": run_websockets_asyncio,
     "simple-websocket": run_simple_websocket,
@@ -491,6 +559,8 @@ def main() -> None:
     if len(sys.argv) != 2 or sys.argv[1] not in SERVERS:
         sys.exit(f"usage: servers.py {{{','.join(SERVERS)}}}")
     raise_fd_limit()
+    if sys.argv[1] not in ("gaman_sync", "websockets-sync", "websockets-asyncio"):
+        no_tls(sys.argv[1])
     SERVERS[sys.argv[1]]()
 
 

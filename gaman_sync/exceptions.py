@@ -13,6 +13,10 @@ The tree::
         ├── InvalidHeader           a header of the 101 is missing or wrong
         ├── InvalidMessage          the response is not HTTP, or the server closed first
         ├── InvalidRedirect         a redirect loop, too many hops, or wss:// to ws://
+        ├── InvalidCertificate      (also an ssl.SSLCertVerificationError) the
+        │                           server's TLS certificate does not verify;
+        │                           defined in gaman_sync.io.tls, which
+        │                           imports ssl (this module imports nothing)
         └── HandshakeTimeout        (also a TimeoutError) no 101 in ``open_timeout``
 
 Errors of the operating system (a refused connection, an unknown host) are

@@ -661,7 +661,7 @@ def test_subprotocol_not_offered_is_invalid_header(offered):
     ("ws://127.0.0.1:99999/", "not a valid URL"),
     ("ws://user:pw@127.0.0.1/", "user information"),
     ("ws://127.0.0.1/a path", "spaces"),
-    ("wss://127.0.0.1/", "not supported yet"),
+    ("wss://127.0.0.1/a path", "spaces"),
 ])
 def test_bad_urls_are_invalid_uri(url, words):
     with pytest.raises(InvalidURI, match=words) as caught:

@@ -398,8 +398,8 @@ def test_too_many_redirects_are_refused_naming_the_chain(make_server):
 
 
 def test_next_hop_rules():
-    # The client has no TLS yet (connect refuses wss://), so the wss:// to
-    # ws:// rule is checked on the function that decides every hop.
+    # The function that decides every hop (tests/test_tls.py follows real
+    # redirects between ws:// and wss://).
     chain = ["wss://example.com/a"]
     with pytest.raises(InvalidRedirect, match="wss://") as info:
         next_hop(chain, "ws://example.com/b", 5)

@@ -160,7 +160,7 @@ def read_port(proc):
 def test_cli_help_and_bad_target():
     out = subprocess.run([sys.executable, "-m", "gaman_sync", "--help"], cwd=ROOT,
                          capture_output=True, text=True, timeout=WAIT)
-    assert out.returncode == 0 and "MODULE:ATTR" in out.stdout
+    assert out.returncode == 0 and "MODULE:BLOCK" in out.stdout
     out = subprocess.run([sys.executable, "-m", "gaman_sync", "examples.chat:nothing"],
                          cwd=ROOT, capture_output=True, text=True, timeout=WAIT)
     assert out.returncode == 2 and "cannot load" in out.stderr

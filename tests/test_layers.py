@@ -26,6 +26,10 @@ RANKS = {
     "exceptions": 0, "options": 0, "version": 0, "_speedups": 0,
     "protocol": 1,
     "io": 2,
+    # Brokers carry bytes between processes on named channels (their own
+    # threads, a client library): below the server that publishes through
+    # them, knowing nothing of connections.
+    "broker": 2,
     "connection": 3,
     "strategies": 4,
     "server": 4, "client": 4,
@@ -107,7 +111,8 @@ def test_every_exported_name_exists_and_is_listed():
         gaman_sync.no_such_name  # noqa: B018
 
 
-@pytest.mark.parametrize("sub", ["app", "protocol", "io", "connection", "server", "client", "wsgi"])
+@pytest.mark.parametrize("sub", ["app", "protocol", "io", "broker", "connection", "server", "client",
+                                 "wsgi"])
 def test_each_layer_exports_what_it_lists(sub):
     module = importlib.import_module(f"gaman_sync.{sub}")
     assert module.__all__, sub

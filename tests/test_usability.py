@@ -297,7 +297,9 @@ def test_errors_4_cli_usage_errors_exit_2_naming_what_was_expected(args, names):
     result = _cli(*args)
     assert result.returncode == 2, (result.returncode, result.stderr)
     assert "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.startswith("usage:"), result.stderr
+    # One line, no usage block: the error is all a user needs to read.
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("gaman-sync: error: "), result.stderr
     last = result.stderr.strip().splitlines()[-1]
     for name in names:
         assert name in last, last

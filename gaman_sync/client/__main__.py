@@ -16,6 +16,7 @@ thread reads stdin and sends, since neither must wait for the other.
 from __future__ import annotations
 
 import argparse
+import ssl
 import sys
 import threading
 from typing import Iterable, List, Optional
@@ -68,7 +69,13 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m gaman_sync.cli
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Send each line of stdin to a WebSocket server; print what comes back.")
-    parser.add_argument("url", help="the server's URL, e.g. ws://127.0.0.1:8000/echo")
+    parser.add_argument("url", help="the server's URL, e.g. ws://127.0.0.1:8000/echo "
+                                    "or wss://example.com/echo")
+    parser.add_argument("--ca-certs", metavar="PEM",
+                        help="for wss://: trust these certificate authorities (default: "
+                             "the system's)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="for wss://: do not check the server's certificate (testing only)")
     parser.add_argument("--wait", type=float, default=1.0, metavar="SECONDS",
                         help="at the end of stdin, wait for answers until none has come "
                              "for this long (default %(default)s)")
@@ -76,8 +83,20 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m gaman_sync.cli
     if not args.wait >= 0:
         parser.error(f"--wait: expected a number of seconds of 0 or more, not {args.wait}")
 
+    context = None
+    if args.ca_certs is not None or args.insecure:
+        if not args.url.startswith("wss:"):
+            parser.error("--ca-certs and --insecure are for wss:// URLs")
+        try:
+            context = ssl.create_default_context(cafile=args.ca_certs)
+        except (OSError, ssl.SSLError) as exc:
+            parser.error(f"--ca-certs {args.ca_certs}: cannot load certificates "
+                         f"({getattr(exc, 'strerror', None) or exc})")
+        if args.insecure:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
     try:
-        conn = connect(args.url)
+        conn = connect(args.url, ssl_context=context)
     except (OSError, InvalidHandshake) as exc:  # refused, unreachable, not a WebSocket
         print(f"error: cannot connect to {args.url}: {exc}", file=sys.stderr)
         return 1

@@ -14,9 +14,22 @@ Two ways to consume messages:
 
 - with ``handler=`` (the callbacks of :class:`~gaman_sync.WebSocketHandler`,
   or a dict of them), the connection's thread calls them, as on a server;
-- without, messages wait in a queue for :meth:`ClientConnection.recv` (or a
-  ``for`` loop). When ``max_queue`` messages wait, the connection's thread
-  stops reading, so a fast server is slowed by TCP, not by our memory.
+- without, :meth:`ClientConnection.recv` (or a ``for`` loop) returns them.
+
+Without a handler, the application's thread reads. Handing each message
+from one thread to another costs a wake-up of the receiving thread, which
+is most of the cost of a small round trip; so once the application waits in
+``recv()``, the connection's thread lends it the reading
+(:meth:`~gaman_sync.connection.Connection.lend_reader`) and waits: ``recv()``
+then reads the socket and parses in the caller's thread, answering pings on
+the way, as websocket-client does, and a request-response exchange costs no
+thread switch. The connection's thread takes the reading back whenever the
+application stays away from ``recv()`` for 50 ms (so pings are answered,
+keepalive pongs noted and the server's close handled without its help), when
+``recv()`` meets the server's close or a protocol error, and when the
+connection is closed or dropped from any thread. While the thread reads,
+messages wait in a queue; when ``max_queue`` of them wait, it stops reading,
+so a fast server is slowed by TCP, not by our memory.
 
 A message handed straight to a ``recv()`` that was waiting for it keeps the
 order a handler would give: the connection's thread handles nothing received
@@ -30,12 +43,24 @@ the connection: an echo is sent before the close frame of a protocol error
 in the next frame, as a server's ``on_message`` would send it (Autobahn
 3.2, 4.1.3, 5.15 and the like check exactly this). Messages that arrive
 while the application is busy elsewhere are queued without waiting.
+
+``wss://`` runs TLS in memory over the same plain socket
+(:class:`~gaman_sync.io.tls.TLSTransport`): the TLS handshake happens in
+``connect``, within ``open_timeout``, with ``ssl_context`` (default
+``ssl.create_default_context()``: the system's certificate authorities,
+host name checked against the URL's host). A certificate that does not
+verify raises :class:`~gaman_sync.InvalidCertificate`, which is both an
+:class:`~gaman_sync.InvalidHandshake` (every failed opening) and the
+``ssl.SSLCertVerificationError`` that other TLS clients raise, its message
+naming the URL and the reason; other TLS failures raise the ``ssl.SSLError``
+they are. Redirects may go from ``ws://`` to ``wss://``, never back.
 """
 
 from __future__ import annotations
 
 import re
 import socket
+import ssl
 import threading
 import time
 from collections import deque
@@ -65,7 +90,8 @@ from ..exceptions import (
     closed_error,
 )
 from ..io import PlainTransport, Runtime
-from ..options import SERVER_ONLY, Options
+from ..io.tls import InvalidCertificate, TLSTransport
+from ..options import SERVER_ONLY, Deflate, Options
 from ..protocol import ClientHandshake, Headers, Protocol, Request, Response, Side
 
 __all__ = ["connect", "ClientConnection"]
@@ -97,7 +123,8 @@ class ClientConnection(Connection):
     __slots__ = ("response", "subprotocol", "url", "_messages", "_max_queue", "_arrived",
                  "_has_handler", "_done", "_receivers", "_comebacks", "_handing", "_awaiting")
 
-    def __init__(self, transport: PlainTransport, protocol: Protocol, runtime: Runtime,
+    def __init__(self, transport: Union[PlainTransport, TLSTransport], protocol: Protocol,
+                 runtime: Runtime,
                  options: Options, url: str, response: Response, subprotocol: Optional[str],
                  handler: Optional[WebSocketHandler], max_queue: int) -> None:
         self.url = url
@@ -180,24 +207,45 @@ class ClientConnection(Connection):
             raise RuntimeError("recv() is not available on a connection with a handler: "
                                "its messages go to on_message")
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._arrived:
+        if not self._messages:
+            # The usual case once the reading is lent: read here, at once.
+            # (Nothing reaches the queue while it is lent.)
             self._comebacks += 1
-            if self._handing:
-                self._arrived.notify_all()  # the connection's thread may go on
-            while not self._messages:
-                if self._done.is_set():
-                    raise closed_error(self.close_code, self.close_reason)
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise TimeoutError(f"no message in {timeout} s")
-                self._receivers += 1
-                try:
-                    self._arrived.wait(remaining)
-                finally:
-                    self._receivers -= 1
-            message = self._messages.popleft()
-            self._arrived.notify_all()
-            return message
+            message = self.read_message(timeout)
+            if message is not None:
+                return message
+        arrived = self._arrived
+        while True:
+            with arrived:
+                self._comebacks += 1
+                if self._handing:
+                    arrived.notify_all()  # the connection's thread may go on
+                while not self._messages:
+                    if self._done.is_set():
+                        raise closed_error(self.close_code, self.close_reason)
+                    if self.reader_lent():
+                        break  # read in this thread, below
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise TimeoutError(f"no message in {timeout} s")
+                    # From its next read on, the connection's thread lets
+                    # this one read: no hand-over between threads per message.
+                    self.lend_reader(arrived)
+                    self._receivers += 1
+                    try:
+                        arrived.wait(remaining)
+                    finally:
+                        self._receivers -= 1
+                else:
+                    message = self._messages.popleft()
+                    arrived.notify_all()
+                    return message
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            message = self.read_message(remaining)
+            if message is not None:
+                return message
+            # The connection is ending, or the thread took its reading back:
+            # what it handles reaches the queue.
 
     def __iter__(self) -> Iterator[Union[str, bytes]]:
         """Every message until the connection closes; a normal close ends the
@@ -213,7 +261,10 @@ class ClientConnection(Connection):
 
     def send(self, message: Any, timeout: Optional[float] = None) -> None:
         try:
-            super().send(message, timeout)
+            if self._proto.encodes_in_order:
+                self.send_in_order(message, timeout)  # compression with context takeover
+            else:
+                super().send(message, timeout)
         finally:
             self._came_back()
 
@@ -340,8 +391,9 @@ def _check_arguments(subprotocols: Any, headers: Any, origin: Any, open_timeout:
     return offered, pairs
 
 
-def _parse_url(url: str) -> Tuple[str, int, str, str]:
-    """(host, port, request target, Host header) of a ``ws://`` URL."""
+def _parse_url(url: str) -> Tuple[str, int, str, str, bool]:
+    """(host, port, request target, Host header, TLS) of a ``ws://`` or
+    ``wss://`` URL."""
     if not isinstance(url, str):
         raise TypeError(f"url must be a str like 'ws://host:port/path', not {url!r}")
     try:
@@ -349,33 +401,34 @@ def _parse_url(url: str) -> Tuple[str, int, str, str]:
         port = parts.port
     except ValueError as exc:
         raise InvalidURI(f"{url!r} is not a valid URL: {exc}") from None
-    if parts.scheme == "wss":
-        raise InvalidURI(f"{url!r}: wss:// (TLS) is not supported yet; use ws://")
-    if parts.scheme != "ws":
-        raise InvalidURI(f"{url!r} is not a ws:// URL")
+    if parts.scheme not in ("ws", "wss"):
+        raise InvalidURI(f"{url!r} is not a ws:// URL (nor wss://)")
+    secure = parts.scheme == "wss"
+    default_port = 443 if secure else 80
     if not parts.hostname:
         raise InvalidURI(f"{url!r} has no host")
     if parts.username or parts.password:
         raise InvalidURI(f"{url!r}: user information in the URL is not supported")
     host = parts.hostname
-    port = port if port is not None else 80
+    port = port if port is not None else default_port
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     if _CONTROL.search(target) or " " in target:
         raise InvalidURI(f"{url!r}: the path holds spaces or control characters; "
                          "percent-encode them")
     netloc_host = f"[{host}]" if ":" in host else host
-    host_header = netloc_host if port == 80 else f"{netloc_host}:{port}"
-    return host, port, target, host_header
+    host_header = netloc_host if port == default_port else f"{netloc_host}:{port}"
+    return host, port, target, host_header, secure
 
 
 _REDIRECTS = (301, 302, 303, 307, 308)
 
 
 def _next_request(url: str, offered: Sequence[str], extra: Sequence[Tuple[str, str]],
-                  origin: Optional[str]) -> Request:
+                  origin: Optional[str], compression: Optional[Deflate] = None) -> Request:
     """The request about to be sent to ``url`` (for ``on_redirect``)."""
-    _, _, target, host_header = _parse_url(url)
-    handshake = ClientHandshake(host_header, target, offered, extra, origin)
+    _, _, target, host_header, _ = _parse_url(url)
+    handshake = ClientHandshake(host_header, target, offered, extra, origin,
+                                compression=compression)
     return Request("GET", target, Headers(handshake.request_headers))
 
 
@@ -398,10 +451,12 @@ def next_hop(chain: List[str], location: str, max_redirects: int) -> str:
 
 
 def _handshake(url: str, handshake: ClientHandshake, sock: Optional[socket.socket],
-               deadline: Optional[float], open_timeout: Optional[float]
-               ) -> Tuple[socket.socket, ClientHandshake]:
-    """Connect (unless ``sock`` is given) and run ``handshake`` to its 101."""
-    host, port, _, _ = _parse_url(url)
+               deadline: Optional[float], open_timeout: Optional[float],
+               ssl_context: Optional[ssl.SSLContext]
+               ) -> Tuple[Union[PlainTransport, TLSTransport], ClientHandshake]:
+    """Connect (unless ``sock`` is given) and run ``handshake`` to its 101:
+    the connection's transport."""
+    host, port, _, _, secure = _parse_url(url)
     request = handshake.request()  # before any I/O: h11 checks what is left
     if sock is not None:
         if not isinstance(sock, socket.socket):
@@ -416,17 +471,34 @@ def _handshake(url: str, handshake: ClientHandshake, sock: Optional[socket.socke
         except OSError as exc:
             raise type(exc)(exc.errno, f"could not connect to {host}:{port}: "
                             f"{exc.strerror or exc}") from None
+    tls: Optional[TLSTransport] = None
     try:
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.sendall(request)
+        if secure:
+            sock.settimeout(None)
+            tls = _start_tls(url, sock, host, deadline,
+                             ssl_context if ssl_context is not None else _default_context())
+            tls.sendall_blocking(request, deadline)
+        else:
+            sock.sendall(request)
         while True:
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise socket.timeout
-                sock.settimeout(remaining)
-            if handshake.receive(sock.recv(65536)):
+            if tls is not None:
+                if deadline is None:
+                    data = tls.recv(65536)
+                else:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise socket.timeout
+                    data = tls.recv_for(65536, remaining)
+            else:
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise socket.timeout
+                    sock.settimeout(remaining)
+                data = sock.recv(65536)
+            if handshake.receive(data):
                 break
         sock.settimeout(None)
     except socket.timeout:
@@ -436,14 +508,42 @@ def _handshake(url: str, handshake: ClientHandshake, sock: Optional[socket.socke
     except BaseException:
         sock.close()
         raise
-    return sock, handshake
+    return (tls if tls is not None else PlainTransport(sock)), handshake
+
+
+_default: Optional[ssl.SSLContext] = None
+
+
+def _default_context() -> ssl.SSLContext:
+    """``ssl.create_default_context()``, made once (loading the system's
+    certificate authorities takes milliseconds)."""
+    global _default
+    if _default is None:
+        _default = ssl.create_default_context()
+    return _default
+
+
+def _start_tls(url: str, sock: socket.socket, host: str, deadline: Optional[float],
+               context: ssl.SSLContext) -> TLSTransport:
+    """The TLS handshake of a ``wss://`` URL, over ``sock``."""
+    tls = TLSTransport(sock, context, server_side=False,
+                       server_hostname=host if context.check_hostname else None)
+    try:
+        tls.handshake_blocking(deadline)
+    except ssl.SSLCertVerificationError as exc:
+        raise InvalidCertificate(url, exc) from None
+    except ssl.SSLError as exc:
+        raise type(exc)(exc.errno, f"TLS handshake with {url} failed: "
+                                   f"{exc.reason or exc}") from None
+    return tls
 
 
 def connect(url: str, *, subprotocols: Sequence[str] = (),
             headers: Union[Mapping[str, str], Sequence[Tuple[str, str]], None] = None,
             origin: Optional[str] = None, open_timeout: Optional[float] = 10.0,
             handler: HandlerLike = None, max_queue: int = 16,
-            sock: Optional[socket.socket] = None, follow_redirects: bool = True,
+            sock: Optional[socket.socket] = None, ssl_context: Optional[ssl.SSLContext] = None,
+            follow_redirects: bool = True,
             max_redirects: int = 5,
             on_redirect: Optional[Callable[[str, Request], Any]] = None,
             **options: Any) -> ClientConnection:
@@ -460,7 +560,11 @@ def connect(url: str, *, subprotocols: Sequence[str] = (),
     connection's thread calls them; without, use ``recv()`` or iterate.
     Other keyword arguments are the connection options of
     :class:`~gaman_sync.Options` (``max_message_size``, ``ping_interval``,
-    ``close_timeout``, ``write_limit``, ...).
+    ``close_timeout``, ``write_limit``, ...). ``compression="deflate"`` (the
+    default) offers permessage-deflate, ``None`` does not, and a
+    :class:`~gaman_sync.Deflate` sets its parameters; an answer from the
+    server that does not fit the offer raises
+    :class:`~gaman_sync.InvalidHeader`.
 
     Redirects (301, 302, 303, 307, 308 with a ``Location``) are followed, up
     to ``max_redirects`` hops, relative locations resolved against the URL
@@ -469,6 +573,12 @@ def connect(url: str, *, subprotocols: Sequence[str] = (),
     hops, or ``wss://`` to ``ws://`` raise :class:`~gaman_sync.InvalidRedirect`
     naming the chain. ``follow_redirects=False`` raises the
     :class:`~gaman_sync.InvalidStatus` of the first redirect instead.
+
+    ``ssl_context`` sets TLS for ``wss://`` URLs (default:
+    ``ssl.create_default_context()``); it is refused with a ``ws://`` URL.
+    A certificate that does not verify raises
+    :class:`~gaman_sync.InvalidCertificate` (also an
+    ``ssl.SSLCertVerificationError``).
 
     Raises :class:`~gaman_sync.InvalidHandshake` subclasses when the server
     refuses or answers wrongly (:class:`~gaman_sync.InvalidStatus` carries
@@ -495,13 +605,22 @@ def connect(url: str, *, subprotocols: Sequence[str] = (),
     if isinstance(max_redirects, bool) or not isinstance(max_redirects, int) \
             or max_redirects < 0:
         raise ValueError(f"max_redirects must be an int of 0 or more, not {max_redirects!r}")
+    if ssl_context is not None:
+        if not isinstance(ssl_context, ssl.SSLContext):
+            raise TypeError(f"ssl_context must be an ssl.SSLContext or None, "
+                            f"not {ssl_context!r}")
+        if not _parse_url(url)[4]:
+            raise ValueError(f"ssl_context is for wss:// URLs; {url!r} is ws:// "
+                             "(use wss:// or leave ssl_context out)")
     deadline = None if open_timeout is None else time.monotonic() + open_timeout
     chain = [url]
     while True:
-        _, _, target, host_header = _parse_url(url)
-        handshake = ClientHandshake(host_header, target, offered, extra, origin)
+        _, _, target, host_header, _ = _parse_url(url)
+        handshake = ClientHandshake(host_header, target, offered, extra, origin,
+                                    compression=opts.deflate)
         try:
-            sock, handshake = _handshake(url, handshake, sock, deadline, open_timeout)
+            transport, handshake = _handshake(url, handshake, sock, deadline, open_timeout,
+                                              ssl_context)
             break
         except InvalidStatus as exc:
             location = exc.headers.get("location")
@@ -510,16 +629,17 @@ def connect(url: str, *, subprotocols: Sequence[str] = (),
             url = next_hop(chain, location, max_redirects)
             sock = None  # a given socket served the first hop only
             if on_redirect is not None:
-                on_redirect(url, _next_request(url, offered, extra, origin))
+                on_redirect(url, _next_request(url, offered, extra, origin, opts.deflate))
     assert handshake.response is not None
     runtime = client_runtime()
     conn = ClientConnection(
-        PlainTransport(sock),
-        Protocol(Side.CLIENT, opts.max_message_size, handshake.trailing_data),
+        transport,
+        Protocol(Side.CLIENT, opts.max_message_size, handshake.trailing_data,
+                 deflate=handshake.deflate),
         runtime, opts, url, handshake.response, handshake.subprotocol, callbacks, max_queue)
     try:
         runtime.workers.run(conn.run)
     except RuntimeError:
-        sock.close()
+        transport.close()
         raise
     return conn

@@ -55,7 +55,7 @@ from ..options import Options
 from ..protocol.events import Closed, Failed, MessageReceived, PongReceived
 from ..protocol.frames import CloseCode, Data, check_close_code
 from ..protocol.http import format_address
-from ..protocol.state import Protocol
+from ..protocol.state import Protocol, State
 from .handler import WebSocketHandler
 
 __all__ = ["Connection", "ReadyState", "interrupted_connection_code"]
@@ -72,6 +72,10 @@ _RECV_MAX = 512 * 1024
 _JOIN_LIMIT = 16 * 1024
 _EMPTY_HANDLER = WebSocketHandler()
 _ABNORMAL = int(CloseCode.ABNORMAL_CLOSURE)
+# The paths every message takes compare the protocol's state with this, not
+# through its is_open property: a property call is a Python frame, which
+# costs about what two counter increments cost.
+_OPEN = State.OPEN
 
 
 class ReadyState(IntEnum):
@@ -95,11 +99,11 @@ class Connection:
     # Slots are laid out in this order: what every write touches comes first,
     # in one cache line, since a broadcast touches it on a thousand connections.
     __slots__ = ("_lock", "_proto", "_outgoing", "_outgoing_size", "_send_fn", "_send_arg",
-                 "options",
+                 "options", "messages_out", "bytes_out", "messages_in", "bytes_in",
                  "_finished", "_watched", "_room", "transport", "runtime", "thread", "_remote",
                  "handler", "_opened", "_aborted", "_abort_close", "_reading", "_close_timer",
                  "_ping_timer", "_unanswered_since", "_next_ping", "_started", "_dropped",
-                 "_preamble", "_refused", "hold_events", "__dict__", "__weakref__")
+                 "_preamble", "_refused", "hold_events", "_loan", "__dict__", "__weakref__")
 
     def __init__(self, transport: Transport, protocol: Protocol, runtime: Runtime,
                  options: Options, remote_address: Any = None,
@@ -110,6 +114,19 @@ class Connection:
         self.transport = transport
         """What the connection reads and writes (see :mod:`gaman_sync.io.transport`)."""
         self._send_fn, self._send_arg = transport.send_target()  # every write calls it
+        # Traffic counters: plain ints bumped where the work is done anyway
+        # (the write path under the lock, the reader in its own thread), so
+        # they are exact without a lock of their own.
+        self.messages_in = 0
+        """Messages received (whole messages, delivered or not)."""
+        self.bytes_in = 0
+        """Bytes read after the opening handshake: every frame, headers and
+        control frames included."""
+        self.messages_out = 0
+        """Messages sent (each ``send``, and each broadcast that reached it)."""
+        self.bytes_out = 0
+        """Bytes written after the opening handshake, handed to the kernel or
+        queued for it: every frame, headers and control frames included."""
         self.runtime = runtime
         """The shared threads it uses (timers, writer)."""
         self.options = options
@@ -140,6 +157,7 @@ class Connection:
         """For subclasses: called before each event while received bytes wait
         to be handled; it may wait (a client's recv() hand-off)."""
         self._refused = False
+        self._loan: Optional[_Loan] = None  # lending the reading: see lend_reader()
         self._preamble = preamble
         if preamble is not None:
             # Until send_preamble(), every write waits here, unsent, behind
@@ -203,12 +221,28 @@ class Connection:
         header, payload = self._proto.encode(message)
         size = len(header) + len(payload)
         with self._lock:
-            if not self._proto.is_open:
+            if self._proto.state is not _OPEN:
                 raise self._closed_error()
             if self._outgoing_size and self._outgoing_size + size > self.options.write_limit:
                 self._wait_for_room(size, self.options.send_timeout if timeout is None
                                     else timeout)
             self._write_frame(header, payload)
+            self.messages_out += 1
+
+    def send_in_order(self, message: Data, timeout: Optional[float] = None) -> None:
+        """:meth:`send` for a protocol whose frames must be encoded in wire
+        order (a compressor with context takeover): room is waited for
+        first, then the frame is encoded and written under the lock."""
+        size = len(message)  # the uncompressed size bounds the room to wait for
+        with self._lock:
+            if self._proto.state is not _OPEN:
+                raise self._closed_error()
+            if self._outgoing_size and self._outgoing_size + size > self.options.write_limit:
+                self._wait_for_room(size, self.options.send_timeout if timeout is None
+                                    else timeout)
+            header, payload = self._proto.encode(message)
+            self._write_frame(header, payload)
+            self.messages_out += 1
 
     def ping(self, data: Union[bytes, str] = b"") -> None:
         """Send a ping (at most 125 bytes); the pong reaches ``on_pong``."""
@@ -240,9 +274,10 @@ class Connection:
         connection is not open or its outgoing buffer is over ``write_limit``:
         the caller decides what that means (:attr:`is_open` tells which)."""
         with self._lock:
-            if not self._proto.is_open or self._outgoing_size > self.options.write_limit:
+            if self._proto.state is not _OPEN or self._outgoing_size > self.options.write_limit:
                 return False
             self._write(frame)
+            self.messages_out += 1
             return True
 
     def abort(self, code: Optional[int] = None, reason: str = "", force: bool = False,
@@ -264,6 +299,7 @@ class Connection:
                 self._lock.release()
         self._aborted = True
         self.transport.shutdown()
+        self.reclaim_reader()
 
     def close_nowait(self, code: int, reason: str, lock_timeout: float) -> bool:
         """:meth:`close` for an owner that must not wait (a shutdown): if the
@@ -271,6 +307,84 @@ class Connection:
         ``code`` reported, without the closing handshake. False if the
         connection was already closing."""
         return self._close(code, reason, lock_timeout)
+
+    # -- Lending the reading (a client's recv() reads in its own thread) ------
+
+    def lend_reader(self, condition: threading.Condition) -> None:
+        """Ask the connection's thread to let callers of :meth:`read_message`
+        read the transport in their own threads, from its next read on.
+
+        The thread then waits, holding nothing, until a caller hands back
+        what it cannot handle (the peer's close, a protocol error, the end
+        of the stream), or until the callers have stayed away for
+        ``_LOAN_CHECK`` seconds, or until the connection is dropped or closed
+        by us: then it reads again. ``condition`` is notified when the reading
+        is lent or given back; the caller holds it, and must always pass the
+        same one."""
+        loan = self._loan
+        if loan is None:
+            loan = self._loan = _Loan(condition)
+        loan.asked = True
+
+    def reader_lent(self) -> bool:
+        """True if a :meth:`read_message` call would read now (the caller
+        holds the condition given to :meth:`lend_reader`)."""
+        loan = self._loan
+        return loan is not None and loan.lent and not loan.borrowed
+
+    @property
+    def reader(self) -> str:
+        """Who reads the transport: ``"thread"`` (the connection's thread),
+        ``"lent"`` (lent to :meth:`read_message` callers, none reading now)
+        or ``"borrowed"`` (one is reading now). A snapshot, for logs and tests."""
+        loan = self._loan
+        if loan is None or not loan.lent:
+            return "thread"
+        return "borrowed" if loan.borrowed else "lent"
+
+    def read_message(self, timeout: Optional[float] = None) -> Optional[Data]:
+        """Read the next message in the calling thread, once the connection's
+        thread has lent its reading (:meth:`lend_reader`); one thread at a
+        time. Pings are answered and pongs noted on the way, as the
+        connection's thread does. ``None`` when the reading is not lent, or
+        when the connection is ending (the connection's thread finishes it:
+        wait for it). Raises ``TimeoutError`` after ``timeout`` seconds; the
+        reading stays lent."""
+        loan = self._loan
+        if loan is None:
+            return None
+        with loan.cond:
+            if not loan.lent or loan.borrowed:
+                return None
+            loan.borrowed = True
+        handed = False
+        try:
+            message, handed = self._read_borrowed(loan, timeout)
+            return message
+        finally:
+            with loan.cond:
+                loan.borrowed = False
+                loan.visits += 1
+                if handed or loan.reclaim:
+                    loan.reclaim = False
+                    loan.lent = False
+                    loan.cond.notify_all()
+
+    def reclaim_reader(self) -> None:
+        """Give the reading back to the connection's thread now if no caller
+        is reading, or as soon as the one reading returns (we closed, or are
+        dropping the connection: the thread finishes it)."""
+        loan = self._loan
+        if loan is None:
+            return
+        with loan.cond:
+            if not loan.lent:
+                return
+            if loan.borrowed:
+                loan.reclaim = True
+            else:
+                loan.lent = False
+                loan.cond.notify_all()
 
     def run(self) -> None:
         """The connection's thread: :meth:`opening`, then serve until the
@@ -282,7 +396,8 @@ class Connection:
                 self._wait_flushed()
                 self._linger(half_close=True)
                 return
-            self.send_preamble()
+            if self._preamble is not None:  # opening() did not send it
+                self.send_preamble()
             if serving:
                 self._serve()
             else:
@@ -316,10 +431,15 @@ class Connection:
                 return
             if before is not None:
                 before()
+            # The preamble is the handshake's, and what was held was counted
+            # when it was written: neither counts here.
+            counted = self.bytes_out
             self._write(preamble)
-            for chunk in held:
-                self._write(chunk)
-            self._notify_room()
+            if held:
+                for chunk in held:
+                    self._write(chunk)
+                self._notify_room()  # a send() may be waiting for the held bytes to go
+            self.bytes_out = counted
 
     def refuse(self, response: bytes) -> None:
         """Refuse the opening handshake (from :meth:`opening`): send the HTTP
@@ -348,11 +468,13 @@ class Connection:
 
     def _write(self, data: Union[bytes, memoryview]) -> None:
         """Queue or send ``data``; the caller holds ``_lock``."""
-        if not data:
+        size = len(data)
+        if not size:
             return
+        self.bytes_out += size
         if self._outgoing is not None:
             self._outgoing.append(data)
-            self._outgoing_size += len(data)
+            self._outgoing_size += size
             return
         try:
             sent = self._send_fn(self._send_arg, data)
@@ -361,7 +483,7 @@ class Connection:
         except OSError:
             self._write_failed()
             return
-        if sent < len(data):
+        if sent < size:
             self._queue(memoryview(data)[sent:])
 
     def _write_frame(self, header: bytes, payload: bytes) -> None:
@@ -373,6 +495,7 @@ class Connection:
             self._write(header)
             self._write(payload)
             return
+        self.bytes_out += len(header) + len(payload)
         try:
             sent = self.transport.sendmsg_nowait((header, payload))
         except BlockingIOError:
@@ -480,6 +603,8 @@ class Connection:
                                                                    self._close_timed_out)
         finally:
             self._lock.release()
+        if self._loan is not None:
+            self.reclaim_reader()  # the answer to our close is the thread's to read
         return True
 
     def _close_timed_out(self) -> None:
@@ -537,6 +662,8 @@ class Connection:
     # -- The connection's thread -------------------------------------------
 
     def _serve(self) -> None:
+        if self._started:
+            logger.debug("%s: opened", self)
         self._opened = True
         self._start_keepalive()
         on_open = self.handler.on_open
@@ -553,20 +680,25 @@ class Connection:
         hold = self.hold_events
         size = _RECV_MIN
         event: Any  # one of protocol's event classes, told apart by type()
+        pending: Any = None  # an event a borrower of the reading handed back
         while True:
             # Everything the last read brought in, one event at a time.
             while True:
-                if hold is not None and proto.has_buffered_input():
-                    hold()
-                with lock:
-                    out, event = proto.next_event()
-                    if out:
-                        self._write(out)
-                if event is None:
-                    break
+                if pending is None:
+                    if hold is not None and proto.has_buffered_input():
+                        hold()
+                    with lock:
+                        out, event = proto.next_event()
+                        if out:
+                            self._write(out)
+                    if event is None:
+                        break
+                else:
+                    event, pending = pending, None
                 kind = type(event)  # dispatch on the exact type: cheaper than isinstance
                 if kind is MessageReceived:
-                    if not proto.is_open:
+                    self.messages_in += 1
+                    if proto.state is not _OPEN:
                         self._dropped += 1  # our close started: see the module's docstring
                     elif on_message is not None:
                         try:
@@ -589,21 +721,125 @@ class Connection:
                     return
             if self._outgoing_size > self.options.write_limit:
                 self._wait_drained_below_limit()
+            if self._loan is not None and self._loan.asked:
+                pending = self._lend(self._loan)
+                if pending is _END:
+                    with lock:
+                        proto.abandon()
+                    return
+                continue
             self._reading = True
             try:
                 data = recv(size)
             except OSError:
                 data = b""
             self._reading = False
-            if not data:
+            received = len(data)
+            if not received:
                 with lock:
                     proto.abandon()
                 return
-            if len(data) == size:
+            self.bytes_in += received
+            if received == size:
                 if size < _RECV_MAX:
                     size <<= 2
-            elif size > _RECV_MIN and len(data) < size >> 4:
+            elif size > _RECV_MIN and received < size >> 4:
                 size >>= 2
+            with lock:
+                proto.receive_data(data)
+
+    def _lend(self, loan: "_Loan") -> Any:
+        """Lend the reading (see :meth:`lend_reader`) and wait until it comes
+        back; the event a borrower handed back, or None."""
+        cond = loan.cond
+        with cond:
+            loan.asked = False
+            if self._aborted or self._finished:
+                return None
+            loan.lent = True
+            loan.seen = loan.visits
+            loan.generation += 1
+            cond.notify_all()
+            # Someone reads, or will within _LOAN_CHECK: the keepalive may
+            # judge the peer by its pongs.
+            self._reading = True
+            self.runtime.timers.call_later(_LOAN_CHECK, self._check_loan, loan.generation)
+            while loan.lent:
+                cond.wait()
+            self._reading = False
+            handed, loan.handed = loan.handed, None
+        return handed
+
+    def _check_loan(self, generation: int) -> None:
+        """Timer: take the reading back from callers that stay away."""
+        loan = self._loan
+        if loan is None:
+            return
+        with loan.cond:
+            if not loan.lent or loan.generation != generation:
+                return  # given back meanwhile (and maybe lent again, with its own timer)
+            if loan.borrowed or loan.visits != loan.seen:
+                loan.seen = loan.visits
+                self.runtime.timers.call_later(_LOAN_CHECK, self._check_loan, generation)
+                return
+            loan.lent = False
+            loan.cond.notify_all()
+
+    def _read_borrowed(self, loan: "_Loan", timeout: Optional[float]) -> "tuple[Optional[Data], bool]":
+        """:meth:`read_message`'s loop, in the borrower's thread: (message,
+        False), or (None, True) once what it met is handed to the thread."""
+        transport = self.transport
+        lock = self._lock
+        proto = self._proto
+        deadline = None if timeout is None else time.monotonic() + timeout
+        event: Any
+        while True:
+            while True:
+                with lock:
+                    out, event = proto.next_event()
+                    if out:
+                        self._write(out)
+                if event is None:
+                    break
+                kind = type(event)
+                if kind is MessageReceived:
+                    self.messages_in += 1
+                    if proto.is_open:
+                        return event.data, False
+                    self._dropped += 1
+                elif kind is PongReceived:
+                    self._unanswered_since = None
+                    if self.handler.on_pong is not None:
+                        self._call("on_pong", self.handler.on_pong, event.data)
+                else:  # the peer's close or a protocol error: the thread's job
+                    loan.handed = event
+                    return None, True
+            if self._aborted or self._outgoing_size > self.options.write_limit:
+                # Dropped, or owing the peer more than write_limit: the
+                # thread waits for the writer before it reads on.
+                return None, True
+            size = loan.size
+            try:
+                if deadline is None:
+                    data = transport.recv(size)
+                else:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise TimeoutError(f"no message in {timeout} s")
+                    data = transport.recv_for(size, remaining)
+            except socket.timeout:
+                raise TimeoutError(f"no message in {timeout} s") from None
+            except OSError:
+                data = b""
+            if not data:
+                loan.handed = _END
+                return None, True
+            self.bytes_in += len(data)
+            if len(data) == size:
+                if size < _RECV_MAX:
+                    loan.size = size << 2
+            elif size > _RECV_MIN and len(data) < size >> 4:
+                loan.size = size >> 2
             with lock:
                 proto.receive_data(data)
 
@@ -691,10 +927,9 @@ class Connection:
             self.runtime.flusher.forget(self.transport)
         self.transport.close()
         code = proto.close_code or _ABNORMAL
-        if logger.isEnabledFor(logging.DEBUG):
+        if self._started:  # DEBUG was on when it opened: one check per connection
             logger.debug("%s: closed with %s %r after %.3f s%s", self, code,
-                         proto.close_reason,
-                         time.monotonic() - self._started if self._started else 0.0,
+                         proto.close_reason, time.monotonic() - self._started,
                          f"; {self._dropped} message(s) that came after our close were not "
                          "delivered" if self._dropped else "")
         if self._opened:
@@ -704,6 +939,33 @@ class Connection:
                     on_close(code, proto.close_reason)
                 except Exception:
                     logger.exception("%s: on_close raised", self)
+
+
+# Seconds after which the connection's thread takes back a reading it lent
+# (lend_reader) if no borrower came to read meanwhile: its pings and close are
+# then handled without the application's help.
+_LOAN_CHECK = 0.05
+# Handed back by a borrower that met the end of the stream.
+_END = object()
+
+
+class _Loan:
+    """The state of a lent reading, guarded by ``cond``."""
+
+    __slots__ = ("cond", "asked", "lent", "borrowed", "reclaim", "handed", "visits", "seen",
+                 "size", "generation")
+
+    def __init__(self, cond: threading.Condition) -> None:
+        self.cond = cond
+        self.asked = False     # the thread is to lend at its next read
+        self.lent = False      # borrowers read; the thread waits
+        self.borrowed = False  # one is reading now
+        self.reclaim = False   # the thread wants it back when that one returns
+        self.handed: Any = None  # for the thread: an event, or _END
+        self.visits = 0        # read_message calls so far
+        self.seen = 0          # visits at the last check
+        self.size = _RECV_MIN  # the borrowers' read size, grown as for the thread
+        self.generation = 0    # counts the lendings: a timer checks its own
 
 
 # The code objects of the engine's methods: any thread holding a connection's

@@ -27,12 +27,16 @@ the socket's own methods, since its descriptor does not carry its bytes.
 from __future__ import annotations
 
 import functools
+import math
+import select
 import socket
-from typing import Any, Callable, Sequence, Tuple, Union
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 from . import nonblocking
 
 __all__ = ["Transport", "PlainTransport"]
+
+_HAS_POLL = hasattr(select, "poll")  # not on Windows
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -82,7 +86,7 @@ class Transport:
 class PlainTransport(Transport):
     """A plain TCP (or Unix) socket in blocking mode."""
 
-    __slots__ = ("sock", "recv", "_send", "_close", "_native")
+    __slots__ = ("sock", "recv", "_send", "_close", "_native", "_poller")
 
     def __init__(self, sock: socket.socket) -> None:
         if sock.gettimeout() is not None:
@@ -99,6 +103,7 @@ class PlainTransport(Transport):
         self.recv: Callable[[int], bytes] = recv  # type: ignore[assignment]
         self._send = nonblocking.send if self._native else nonblocking.send_plain
         self._close = nonblocking.close if self._native else nonblocking.close_plain
+        self._poller: Optional["select.poll"] = None  # made by the first recv_for
 
     @property
     def uses_speedups(self) -> bool:
@@ -122,6 +127,21 @@ class PlainTransport(Transport):
         return _call, self.send_nowait
 
     def recv_for(self, size: int, timeout: float) -> bytes:
+        # Wait with poll(), then read in blocking mode, where the bytes are:
+        # two system calls, where a socket timeout costs four (it switches
+        # the descriptor to non-blocking and back around its own poll). A
+        # client's recv(timeout) comes here for every message.
+        poller = self._poller
+        if poller is None:
+            if not _HAS_POLL:
+                return self._recv_with_timeout(size, timeout)
+            poller = self._poller = select.poll()
+            poller.register(self.sock.fileno(), select.POLLIN)
+        if not poller.poll(max(0, math.ceil(timeout * 1000))):
+            raise socket.timeout("timed out")
+        return self.recv(size)
+
+    def _recv_with_timeout(self, size: int, timeout: float) -> bytes:
         sock = self.sock
         sock.settimeout(timeout)
         try:

@@ -21,7 +21,7 @@ the version, rather than silently turning a limit off.
 from __future__ import annotations
 
 import struct
-from typing import Union, cast
+from typing import Any, Optional, cast
 
 import wsproto
 from wsproto.frame_protocol import (
@@ -47,9 +47,7 @@ SUPPORTED = "wsproto >= 1.2, < 2"
 
 # wsproto 1.2's masker returns bytes, 1.3's the bytearray (which 1.3 then
 # copies into bytes itself): ours returns what wsproto's does.
-# (typed object: wsproto's annotations describe only one of the two.)
-_MASKED: object = XorMaskerSimple(b"\0\0\0\0").process(bytearray(b"x"))
-_MASKER_GIVES_BYTES = type(_MASKED) is bytes
+_MASKER_GIVES_BYTES = type(XorMaskerSimple(b"\0\0\0\0").process(bytearray(b"x"))) is bytes
 
 
 class _Unmasker:
@@ -63,7 +61,7 @@ class _Unmasker:
 
     __slots__ = ("key",)
 
-    def __init__(self, key: Union[bytes, bytearray]) -> None:
+    def __init__(self, key: bytes) -> None:
         self.key = bytes(key)
 
     def process(self, data: bytearray) -> bytearray:
@@ -124,8 +122,11 @@ class Decoder(FrameProtocol):
     malformed close frame is a protocol error, 1002). With the C helper built,
     frames are unmasked in C."""
 
-    def __init__(self, client: bool, unmask_in_c: bool = True) -> None:
-        super().__init__(client, [])
+    def __init__(self, client: bool, unmask_in_c: bool = True,
+                 extension: Optional[Any] = None) -> None:
+        # ``extension``: a wsproto extension that receives every frame (the
+        # permessage-deflate inflater), or None.
+        super().__init__(client, [extension] if extension is not None else [])
         if xor_mask is not None and unmask_in_c and not client:
             self._frame_decoder = _FrameDecoder(self.client, self.extensions)
         elif _MASKER_GIVES_BYTES:  # wsproto 1.2 (see _Bytes)
@@ -168,11 +169,15 @@ class Decoder(FrameProtocol):
         header = decoder.header
         if header is None or header.opcode.iscontrol():
             return so_far
+        extensions = self.extensions
+        if extensions and getattr(extensions[0], "compressing", False):
+            # Its headers announce compressed bytes: the inflater bounds it.
+            return so_far
         if header.opcode is not Opcode.CONTINUATION:
             # A new message (or a protocol error wsproto reports next): this
             # frame is all of it, whatever part of it was consumed already.
-            return header.payload_len
-        return so_far + header.payload_len - decoder.payload_consumed
+            return cast(int, header.payload_len)
+        return so_far + cast(int, header.payload_len) - decoder.payload_consumed
 
     def _process_close(self, frame: Frame) -> Frame:
         data = cast(bytes, frame.payload)

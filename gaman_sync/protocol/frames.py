@@ -22,7 +22,7 @@ except ImportError:  # not built: the XOR is done with Python integers
     xor_mask = None  # type: ignore[assignment]
 
 __all__ = ["CloseCode", "Data", "check_close_code", "is_valid_close_code", "encode_frame",
-           "mask_payload"]
+           "frame_bytes", "mask_payload"]
 
 Data = Union[str, bytes, bytearray, memoryview]
 """What may be sent as a message: ``str`` as text, the bytes-likes as binary."""
@@ -121,3 +121,22 @@ def encode_frame(message: Data, mask: bool = False) -> Tuple[bytes, bytes]:
         key = os.urandom(4)
         return header + key, mask_payload(payload, key)
     return header, payload  # type: ignore[return-value]
+
+
+def frame_bytes(first: int, payload: Union[bytes, bytearray], mask: bool = False
+                ) -> Tuple[bytes, bytes]:
+    """The header and payload of one frame whose first byte (FIN, RSV, opcode)
+    is ``first``: a compressed message's frame (RSV1 set). :func:`encode_frame`
+    is the same for plain frames, written out for speed."""
+    length = len(payload)
+    second = _MASK_BIT if mask else 0
+    if length < 126:
+        header = _HEADER_SMALL(first, second | length)
+    elif length < 65536:
+        header = _HEADER_MEDIUM(first, second | 126, length)
+    else:
+        header = _HEADER_LARGE(first, second | 127, length)
+    if mask:
+        key = os.urandom(4)
+        return header + key, mask_payload(payload, key)
+    return header, bytes(payload)

@@ -18,9 +18,11 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import h11
 
 from ..exceptions import InvalidHeader, InvalidMessage, InvalidStatus
+from ..options import Deflate
+from .deflate import Agreement, NegotiationError, client_agreement, client_offer
 from .http import Headers, Request, Response, header_tokens
 
-__all__ = ["HandshakeError", "RequestParser", "check_upgrade", "accept_response",
+__all__ = ["HandshakeError", "RequestParser", "check_upgrade", "accept_response", "add_header",
            "error_response", "accept_token", "check_header", "ClientHandshake"]
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -145,6 +147,12 @@ def accept_response(key: bytes, subprotocol: Optional[str] = None,
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
+def add_header(response: bytes, name: str, value: str) -> bytes:
+    """``response`` (a whole HTTP head, as :func:`accept_response` makes it)
+    with one more header line at its end."""
+    return response[:-2] + f"{name}: {value}\r\n\r\n".encode("latin-1")
+
+
 def check_header(name: object, value: object) -> Tuple[str, str]:
     """Raise unless (``name``, ``value``) can go in a response as it is."""
     if not isinstance(name, str) or not isinstance(value, str):
@@ -185,11 +193,13 @@ class ClientHandshake:
     response fed in until it is whole and checked."""
 
     __slots__ = ("key", "subprotocols", "_h11", "_status", "_reason", "_headers", "_body",
-                 "_max", "_fed", "_request", "response", "subprotocol")
+                 "_max", "_fed", "_request", "response", "subprotocol", "_compression",
+                 "deflate")
 
     def __init__(self, host: str, target: str, subprotocols: Sequence[str] = (),
                  headers: Sequence[Tuple[str, str]] = (), origin: Optional[str] = None,
-                 max_response_size: int = 16 * 1024) -> None:
+                 max_response_size: int = 16 * 1024,
+                 compression: Optional[Deflate] = None) -> None:
         self.key = base64.b64encode(os.urandom(16))
         self.subprotocols = tuple(subprotocols)
         self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_response_size)
@@ -203,6 +213,10 @@ class ClientHandshake:
         """The server's response, once whole."""
         self.subprotocol: Optional[str] = None
         """The subprotocol the server selected, once the response is checked."""
+        self._compression = compression
+        self.deflate: Optional[Agreement] = None
+        """The permessage-deflate agreement, once the response is checked, if
+        the server accepted our offer."""
         request_headers = [("Host", host), ("Upgrade", "websocket"),
                            ("Connection", "Upgrade"), ("Sec-WebSocket-Key", self.key.decode()),
                            ("Sec-WebSocket-Version", "13")]
@@ -210,6 +224,8 @@ class ClientHandshake:
             request_headers.append(("Sec-WebSocket-Protocol", ", ".join(self.subprotocols)))
         if origin is not None:
             request_headers.append(("Origin", origin))
+        if compression is not None:
+            request_headers.append(("Sec-WebSocket-Extensions", client_offer(compression)))
         request_headers.extend(headers)
         self._request = request_headers, target
 
@@ -297,10 +313,16 @@ class ClientHandshake:
                                 f"the 101's Sec-WebSocket-Accept is {accept!r}, not the "
                                 "hash of our key: the server is not a WebSocket server, or a "
                                 "proxy altered the handshake")
-        if headers.get_all("sec-websocket-extensions"):
-            raise InvalidHeader("Sec-WebSocket-Extensions",
-                                "the server selected an extension we did not offer: "
-                                f"{headers.get('sec-websocket-extensions')}")
+        extensions = headers.get_all("sec-websocket-extensions")
+        if extensions:
+            if self._compression is None:
+                raise InvalidHeader("Sec-WebSocket-Extensions",
+                                    "the server selected an extension we did not offer: "
+                                    f"{headers.get('sec-websocket-extensions')}")
+            try:
+                self.deflate = client_agreement(extensions, self._compression)
+            except NegotiationError as exc:
+                raise InvalidHeader("Sec-WebSocket-Extensions", str(exc)) from None
         chosen = header_tokens(headers.get_all("sec-websocket-protocol"))
         if chosen:
             if len(chosen) > 1 or chosen[0] not in self.subprotocols:

@@ -36,10 +36,11 @@ connection's lock held.
 from __future__ import annotations
 
 from enum import Enum
-from typing import Any, Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 from ..exceptions import ConnectionClosed
 from ._wsproto import Decoder, Opcode, ParseFailed
+from .deflate import Agreement, Inflater, compressor
 from .events import Closed, Event, Failed, MessageReceived, PongReceived
 from .frames import CloseCode, Data, encode_frame
 
@@ -82,24 +83,35 @@ class Protocol:
     """One WebSocket connection after its handshake, without I/O."""
 
     __slots__ = ("side", "_decoder", "_frames", "state", "_parts", "_size", "_max",
-                 "close_code", "close_reason", "encode")
+                 "close_code", "close_reason", "encode", "deflate", "encodes_in_order")
 
     def __init__(self, side: Side, max_message_size: Optional[int] = None,
-                 trailing_data: bytes = b"", unmask_in_c: bool = True) -> None:
+                 trailing_data: bytes = b"", unmask_in_c: bool = True,
+                 deflate: Optional[Agreement] = None) -> None:
         self.side = side
         """:attr:`Side.SERVER` or :attr:`Side.CLIENT`."""
         client = side is Side.CLIENT
-        self._decoder = Decoder(client, unmask_in_c)
-        # wsproto's frame generator, while it yields (of Any: a frame's payload
-        # type follows its opcode, which wsproto's annotations cannot say).
-        self._frames: Optional[Iterator[Any]] = None
+        self.deflate = deflate
+        """The permessage-deflate agreement, or None (no compression)."""
+        self.encodes_in_order = False
+        """True when :attr:`encode` must be called in wire order, under the
+        connection's lock (a client compressing with context takeover)."""
         # RFC 6455 5.3: a client masks every frame it sends, each with its own key.
         self.encode: Callable[[Data], Tuple[bytes, bytes]] = (
             _encode_masked if client else encode_frame)
         """A data frame for a message as this side sends it: (header, payload)."""
+        inflater = None
+        if deflate is not None:
+            encoder = compressor(deflate, client)
+            self.encode = encoder.encode
+            self.encodes_in_order = encoder.in_order
+            bits, no_context = deflate.receiving(client)
+            inflater = Inflater(bits, no_context, max_message_size)
+        self._decoder = Decoder(client, unmask_in_c, inflater)
+        self._frames: Optional[Iterator] = None  # wsproto's frame generator, while it yields
         self.state = _OPEN
         """:attr:`State.OPEN`, ``CLOSING`` or ``CLOSED``."""
-        self._parts: List[Any] = []  # str or bytes parts of one message
+        self._parts: list = []
         self._size = 0
         self._max = max_message_size
         self.close_code: Optional[int] = None

@@ -7,9 +7,11 @@ connection, and each open connection has its own. Nothing else.
 """
 
 from .blocks import BlockServer, Endpoint
-from .connection import ServerConnection
 from .decisions import Accept, Redirect, Reject
-from .server import WebSocketServer, serve
+from .connection import ServerConnection
+from .processes import WorkersFailed
+from .server import WebSocketServer, serve, serve_until_signalled
+from .stats import ServerStats
 
 __all__ = ["Accept", "BlockServer", "Endpoint", "Redirect", "Reject", "ServerConnection",
-           "WebSocketServer", "serve"]
+           "ServerStats", "WebSocketServer", "WorkersFailed", "serve", "serve_until_signalled"]

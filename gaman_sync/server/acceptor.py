@@ -25,6 +25,22 @@ deadline passes. Closing at once, with the client's bytes unread, would make
 the kernel send a reset that can destroy the answer before the client reads
 it.
 
+TLS (a server with an ``ssl_context``) adds one step in front, in this same
+thread and under the same deadline: each socket gets a
+:class:`~gaman_sync.io.tls.TLSTransport` at once, the ciphertext read
+without blocking is fed to it, the handshake advances as records arrive,
+and what it owes the client goes out with a non-blocking send (the socket
+is watched for writability while the kernel holds some back). So a client
+that opens TCP and never speaks TLS, or sends its hello a byte a second,
+costs no thread and is cut at ``handshake_timeout`` like a slow HTTP
+request. The request is then parsed from the decrypted bytes; refusals are
+encrypted and followed by a ``close_notify``. A first byte that cannot
+start a TLS record is answered at once: with a plain-text 400 when it looks
+like an HTTP request (someone typed ``http://`` for ``https://``), by
+closing otherwise. A failed TLS handshake is logged once, at INFO, without
+a traceback, and the socket closed; the connection's thread gets the
+transport, TLS state and all, once the upgrade is accepted.
+
 When ``accept()`` fails for lack of resources (EMFILE, ENFILE, ENOBUFS), the
 loop logs once, stops watching the listener and retries after a short, growing
 pause instead of spinning on a listener that stays readable.
@@ -38,11 +54,13 @@ import itertools
 import logging
 import selectors
 import socket
+import ssl
 import time
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
-from ..io import nonblocking
+from ..io import PlainTransport, Transport, nonblocking
+from ..io.tls import TLSTransport
 from ..io.waker import Waker
 from ..options import Options
 from ..protocol.handshake import (
@@ -65,24 +83,29 @@ _LINGER = 2.0  # seconds a refused client has to close before we do
 _MAX_BACKOFF = 0.1
 
 Route = Callable[[Request], Any]
-Accepted = Callable[[socket.socket, Request, Any, Optional[str], bytes, Optional[bytes], bytes],
+Accepted = Callable[[Transport, Request, Any, Optional[str], bytes, Optional[bytes], bytes],
                     None]
-Plain = Callable[[socket.socket, Request, Any], None]
+Plain = Callable[[Transport, Request, Any], None]
+_TLS_HANDSHAKE_RECORD = 0x16  # the first byte of every ClientHello
 
 
 class _Handshake:
     """A socket between ``accept()`` and the end of its handshake."""
 
-    __slots__ = ("sock", "address", "parser", "deadline", "lingering", "ours")
+    __slots__ = ("sock", "address", "parser", "deadline", "lingering", "ours", "tls",
+                 "writing", "started")
 
     def __init__(self, sock: socket.socket, address: Any, parser: Optional[RequestParser],
-                 deadline: float) -> None:
+                 deadline: float, tls: Optional[TLSTransport] = None) -> None:
         self.sock = sock
         self.address = address
         self.parser = parser
         self.deadline = deadline
         self.lingering = False
         self.ours = True  # until closed or handed to its connection
+        self.tls = tls  # the TLS state, on a server with an ssl_context
+        self.writing = False  # watched for writability: TLS output waits for the kernel
+        self.started = False  # bytes have arrived
 
 
 class Acceptor:
@@ -90,8 +113,11 @@ class Acceptor:
 
     def __init__(self, listener: Optional[socket.socket], options: Options, route: Route,
                  accepted: Accepted, capacity: Callable[[], int], plain: Optional[Plain] = None,
-                 health_path: Optional[str] = None) -> None:
+                 health_path: Optional[str] = None,
+                 ssl_context: Optional[ssl.SSLContext] = None,
+                 rejected: Optional[Callable[[int], None]] = None) -> None:
         self._listener = listener
+        self._ssl_context = ssl_context
         self._options = options
         self._route = route
         self._accepted = accepted
@@ -99,6 +125,7 @@ class Acceptor:
         self._health_path = health_path
         self._serves_http = plain is not None or health_path is not None
         self._capacity = capacity  # how many more connections may be opened now
+        self._rejected = rejected  # told the status of each refused handshake
         self._selector = selectors.DefaultSelector()
         self._waker = Waker(self._selector)
         self._handshakes: Dict[socket.socket, _Handshake] = {}
@@ -134,7 +161,7 @@ class Acceptor:
                 if not listening and self._listener is not None:  # backing off
                     wait = max(retry_at - now, 0.0)
                     timeout = wait if timeout is None else min(timeout, wait)
-                for key, _ in selector.select(timeout):
+                for key, events in selector.select(timeout):
                     if key.fileobj is self._listener:
                         backoff = self._accept(backoff)
                         if backoff:
@@ -144,7 +171,11 @@ class Acceptor:
                     elif self._waker.owns(key):
                         self._waker.drain()
                     else:
-                        self._readable(key.data)
+                        hs = key.data
+                        if events & selectors.EVENT_WRITE:
+                            self._writable(hs)
+                        if events & selectors.EVENT_READ and hs.ours:
+                            self._readable(hs)
                 while self._adopted and not self._stopping:
                     self._start(*self._adopted.popleft())
                 if self._listener is not None and not listening \
@@ -200,12 +231,22 @@ class Acceptor:
             logger.warning("refusing a connection from %s: max_connections (%s) reached",
                            format_address(address), options.max_connections)
             hs = _Handshake(sock, address, None, 0.0)
+            if self._rejected is not None:
+                self._rejected(503)
             self._refuse(hs, error_response(503, "too many connections, try again "
                                                  "later", [("Retry-After", "1")]))
             return
         timeout = options.handshake_timeout
         deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
-        hs = _Handshake(sock, address, RequestParser(options.max_request_size), deadline)
+        tls = None
+        if self._ssl_context is not None:
+            try:
+                tls = TLSTransport(sock, self._ssl_context, server_side=True)
+            except (ssl.SSLError, OSError) as exc:
+                logger.warning("cannot start TLS for %s: %s", format_address(address), exc)
+                sock.close()
+                return
+        hs = _Handshake(sock, address, RequestParser(options.max_request_size), deadline, tls)
         self._handshaking += 1
         try:
             self._readable(hs)
@@ -218,7 +259,8 @@ class Acceptor:
 
     def _track(self, hs: _Handshake) -> None:
         self._handshakes[hs.sock] = hs
-        self._selector.register(hs.sock, selectors.EVENT_READ, hs)
+        self._selector.register(hs.sock, selectors.EVENT_READ | selectors.EVENT_WRITE
+                                if hs.writing else selectors.EVENT_READ, hs)
         heapq.heappush(self._deadlines, (hs.deadline, next(self._seq), hs))
 
     # -- Reading requests ----------------------------------------------------
@@ -236,6 +278,10 @@ class Acceptor:
             if not data:
                 self._close(hs)
             return
+        if hs.tls is not None and data:
+            data = self._decrypt(hs, data)
+            if not data:
+                return  # the handshake goes on, or the socket was closed
         assert hs.parser is not None
         try:
             request = hs.parser.feed(data)
@@ -247,6 +293,70 @@ class Acceptor:
             return
         if request is not None:
             self._handshake(hs, to_request(request, hs.address))
+
+    def _decrypt(self, hs: _Handshake, data: bytes) -> bytes:
+        """Feed ciphertext to ``hs``'s TLS: the plaintext it gives (``b""``:
+        none yet, or ``hs`` was answered or closed)."""
+        tls = hs.tls
+        assert tls is not None
+        try:
+            if not tls.handshake_done:
+                if not hs.started:
+                    hs.started = True
+                    if data[0] != _TLS_HANDSHAKE_RECORD:
+                        self._not_tls(hs, data)
+                        return b""
+                tls.feed(data)
+                done = tls.do_handshake()
+                if not self._send_tls(hs) or not done:
+                    return b""
+            else:
+                tls.feed(data)
+            return tls.read_available()
+        except ssl.SSLError as exc:
+            logger.info("TLS with %s failed: %s", format_address(hs.address),
+                        exc.reason or exc)
+            self._send_tls(hs, closing=True)  # the alert, if the kernel takes it
+            self._close(hs)
+        except EOFError:
+            self._close(hs)
+        return b""
+
+    def _not_tls(self, hs: _Handshake, data: bytes) -> None:
+        """Bytes that cannot start TLS: answer plain HTTP in plain text, cut the rest."""
+        logger.info("not TLS from %s (%r...)", format_address(hs.address), data[:8])
+        hs.tls = None
+        if data[:1].isalpha():  # an HTTP method: "GET /..." sent to the TLS port
+            self._refuse(hs, error_response(400, "this port speaks TLS: use https:// or "
+                                                 "wss://"))
+        else:
+            self._close(hs)
+
+    def _send_tls(self, hs: _Handshake, closing: bool = False) -> bool:
+        """Send what ``hs``'s TLS owes the client without blocking; False if
+        the socket was closed. What the kernel does not take waits, and the
+        socket is watched for writability until it goes."""
+        tls = hs.tls
+        assert tls is not None
+        if not tls.wants_write:
+            return True
+        try:
+            done = tls.flush_nowait()
+        except OSError:
+            if not closing:
+                self._close(hs)
+            return False
+        if closing or done == (not hs.writing):
+            return True
+        hs.writing = not done
+        if hs.sock in self._handshakes:
+            self._selector.modify(hs.sock, selectors.EVENT_READ | selectors.EVENT_WRITE
+                                  if hs.writing else selectors.EVENT_READ, hs)
+        return True
+
+    def _writable(self, hs: _Handshake) -> None:
+        if hs.tls is not None and hs.ours:
+            self._send_tls(hs)
 
     def _handshake(self, hs: _Handshake, request: Request) -> None:
         try:
@@ -275,13 +385,19 @@ class Acceptor:
             response = accept_response(key, subprotocol)
         assert hs.parser is not None
         trailing_data = hs.parser.trailing_data
-        self._forget(hs)
-        nonblocking.make_blocking(hs.sock)
+        transport = self._hand_over(hs)
         # The connection's thread sends the 101 once its handler returned,
         # under the connection's lock and after it joined its block's
         # clients: a broadcast can then neither precede the 101 on the wire
         # nor miss a client that has it.
-        self._accepted(hs.sock, request, view, subprotocol, trailing_data, response, key)
+        self._accepted(transport, request, view, subprotocol, trailing_data, response, key)
+
+    def _hand_over(self, hs: _Handshake) -> Transport:
+        """``hs``'s socket, made ready for its connection's thread."""
+        self._forget(hs)
+        nonblocking.make_blocking(hs.sock)
+        # TLS output still waiting (session tickets) goes out before the first write.
+        return hs.tls if hs.tls is not None else PlainTransport(hs.sock)
 
     def _answer_plain(self, hs: _Handshake, request: Request, exc: HandshakeError) -> bool:
         """A request that failed the upgrade's checks with ``exc``, on a
@@ -310,9 +426,7 @@ class Acceptor:
                                             [("Allow", "GET, HEAD")]))
             return True
         view, request.params = route
-        self._forget(hs)
-        nonblocking.make_blocking(hs.sock)
-        self._plain(hs.sock, request, view)
+        self._plain(self._hand_over(hs), request, view)
         return True
 
     # -- Refusing and closing -----------------------------------------------
@@ -320,11 +434,18 @@ class Acceptor:
     def _reject(self, hs: _Handshake, exc: HandshakeError) -> None:
         logger.info("refused a handshake from %s with %s: %s", format_address(hs.address),
                     exc.status, exc.message)
+        if self._rejected is not None:
+            self._rejected(exc.status)
         self._refuse(hs, error_response(exc.status, exc.message, exc.headers))
 
     def _refuse(self, hs: _Handshake, response: bytes) -> None:
         try:
-            nonblocking.send(hs.sock, response)
+            if hs.tls is not None:
+                hs.tls.write_nowait(response)
+                hs.tls.close_notify()
+                hs.tls.flush_nowait()  # a short answer: the kernel takes it whole
+            else:
+                nonblocking.send(hs.sock, response)
             hs.sock.shutdown(socket.SHUT_WR)
         except OSError:
             self._close(hs)
@@ -335,6 +456,9 @@ class Acceptor:
             self._handshaking -= 1
         hs.lingering = True
         hs.parser = None
+        if hs.writing:
+            hs.writing = False
+            self._selector.modify(hs.sock, selectors.EVENT_READ, hs)
         hs.deadline = time.monotonic() + _LINGER
         heapq.heappush(self._deadlines, (hs.deadline, next(self._seq), hs))
 

@@ -18,14 +18,14 @@ sent in place of the 101; the connection then ends without a WebSocket frame.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, FrozenSet, Optional
 from urllib.parse import urljoin
 
 from ..connection import Connection
 from ..io import Runtime, Transport
 from ..options import Options
 from ..protocol import Protocol, Request
-from ..protocol.handshake import accept_response, error_response
+from ..protocol.handshake import accept_response, add_header, error_response
 from ..protocol.http import format_address
 from .decisions import Accept, Decision, Redirect, Reject
 from .routing import fill
@@ -42,15 +42,26 @@ class ServerConnection(Connection):
     """A WebSocket connection accepted by a server: the ``ctx`` a block's
     handler is called with (GamanJS's ``WebSocketContext``)."""
 
-    __slots__ = ("id", "server", "request", "subprotocol", "_key")
+    __slots__ = ("id", "server", "request", "subprotocol", "handshake_status", "_key",
+                 "_extensions", "deflate_window", "deflate_agreement")
 
     def __init__(self, transport: Transport, protocol: Protocol, runtime: Runtime,
                  options: Options, conn_id: int, request: Request, server: BlockServer,
                  subprotocol: Optional[str], response: Optional[bytes],
-                 key: bytes = b"") -> None:
+                 key: bytes = b"", extensions: Optional[str] = None) -> None:
+        # The extensions accepted (permessage-deflate) go in the 101.
+        if response is not None and extensions is not None:
+            response = add_header(response, "Sec-WebSocket-Extensions", extensions)
         # A block that decides makes its 101 later: the writes wait all the same.
         super().__init__(transport, protocol, runtime, options, request.remote_address,
                          preamble=response if response is not None else b"")
+        self._extensions = extensions
+        deflate = self.deflate_agreement = protocol.deflate
+        """The permessage-deflate parameters negotiated, or None."""
+        self.deflate_window = deflate.broadcast_window() if deflate is not None else None
+        """The window our compressor uses with this client (0: it sends
+        plain), or None without permessage-deflate: a broadcast encodes one
+        frame per value."""
         self.id = conn_id
         """A number unique among the connections of this server."""
         self.server = server
@@ -60,12 +71,33 @@ class ServerConnection(Connection):
         self.subprotocol = subprotocol
         """The subprotocol selected in the handshake, or ``None``."""
         self._key = key if response is None else b""
+        self.handshake_status: Optional[int] = 101 if response is not None else None
+        """How the opening handshake was answered: 101 once accepted, else the
+        status of the refusal or redirect that ``on_request`` (or the block)
+        made; None while it decides, and for a plain HTTP request."""
+
+    # -- Rooms (see gaman_sync.server.blocks) -----------------------------
+
+    def join(self, room: str) -> None:
+        """Join ``room`` of this block: ``ctx.server.broadcast(m, room=room)``
+        reaches it, in every process that shares a broker. From any thread;
+        joining twice is joining once. The connection leaves every room once
+        it has ended."""
+        self.server.join(self, room)
+
+    def leave(self, room: str) -> None:
+        """Leave ``room`` (nothing if not in it)."""
+        self.server.leave(self, room)
+
+    @property
+    def rooms(self) -> FrozenSet[str]:
+        """The rooms this connection is in (still set in ``on_close``; empty
+        once the connection has ended)."""
+        return self.server.rooms_of(self)
 
     def opening(self) -> bool:
         """Decide (for a block that does), run the endpoint's handler for this
         connection, join its clients and send the 101."""
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("%s: opened", self)
         response = None
         if self._key:
             response = self._decide()
@@ -113,6 +145,7 @@ class ServerConnection(Connection):
                 decision = Accept()
             if isinstance(decision, Reject):
                 logger.info("%s: refused by on_request with %s", self, decision.status)
+                self.handshake_status = decision.status
                 self.refuse(error_response(decision.status, decision.body or "refused",
                                            decision.headers))
                 return None
@@ -124,10 +157,15 @@ class ServerConnection(Connection):
             # Nothing of the traceback goes on the wire.
             logger.error("%s: deciding on the request raised; refused with 500", self,
                          exc_info=exc)
+            self.handshake_status = 500
             self.refuse(error_response(500, "internal error"))
             return None
         self.subprotocol = subprotocol
-        return accept_response(self._key, subprotocol, decision.headers)
+        response = accept_response(self._key, subprotocol, decision.headers)
+        if self._extensions is not None:
+            response = add_header(response, "Sec-WebSocket-Extensions", self._extensions)
+        self.handshake_status = 101
+        return response
 
     def _subprotocol(self, decision: Accept) -> Optional[str]:
         offered = self.request.subprotocols
@@ -150,6 +188,7 @@ class ServerConnection(Connection):
         base = f"ws://{request.host or 'localhost'}{request.target}"
         url = urljoin(base, decision.location)
         logger.info("%s: redirected with %s to %s", self, decision.status, url)
+        self.handshake_status = decision.status
         self.refuse(error_response(decision.status, f"moved to {url}",
                                    [("Location", decision.location)]))
         on_redirect = self.server.endpoint.on_redirect
