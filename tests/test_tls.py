@@ -25,8 +25,14 @@ from pathlib import Path
 import pytest
 
 import gaman_sync
-from gaman_sync import (InvalidCertificate, InvalidHandshake, InvalidRedirect, WebSocketServer,
-                        connect, define_block)
+from gaman_sync import (
+    InvalidCertificate,
+    InvalidHandshake,
+    InvalidRedirect,
+    WebSocketServer,
+    connect,
+    define_block,
+)
 
 from .conftest import WAIT
 
@@ -38,7 +44,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     trustme = None
     if os.environ.get("GAMAN_SYNC_REQUIRE_PEERS") == "1":
         raise RuntimeError("GAMAN_SYNC_REQUIRE_PEERS=1, but trustme is not installed "
-                           "(pip install -e '.[test]')")
+                           "(pip install -e '.[test]')") from None
     pytestmark = pytest.mark.skip(reason="trustme is not installed (pip install -e '.[test]')")
 
 
@@ -312,7 +318,7 @@ def test_certificate_for_another_host_is_refused(make_server, ca, client_context
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ca.issue_cert("other.example").configure_cert(context)
     server = make_server(_echo_block(), ssl_context=context)
-    with pytest.raises(InvalidCertificate, match="127.0.0.1"):
+    with pytest.raises(InvalidCertificate, match=r"127\.0\.0\.1"):
         connect(server.url("/echo"), ssl_context=client_context, open_timeout=WAIT)
 
 
@@ -571,7 +577,7 @@ def test_client_cli_accepts_wss(wss_server, ca, tmp_path):
     ca.cert_pem.write_to_path(str(cafile))
     url = wss_server.url("/echo")
     run = [sys.executable, "-m", "gaman_sync.client", url, "--wait", "0.2"]
-    ok = subprocess.run(run + ["--ca-certs", str(cafile)], input="hello\n", cwd=ROOT,
+    ok = subprocess.run([*run, "--ca-certs", str(cafile)], input="hello\n", cwd=ROOT,
                         capture_output=True, text=True, timeout=WAIT)
     assert ok.returncode == 0 and ok.stdout.strip() == "hello", ok.stderr
     refused = subprocess.run(run, input="hello\n", cwd=ROOT, capture_output=True, text=True,

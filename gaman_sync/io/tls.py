@@ -448,10 +448,11 @@ class InvalidCertificate(InvalidHandshake, ssl.SSLCertVerificationError):
             or str(error)
         ssl.SSLCertVerificationError.__init__(
             self, error.errno, f"the TLS certificate of {url} does not verify: {why}")
-        self.verify_code = getattr(error, "verify_code", None)
-        self.verify_message = getattr(error, "verify_message", None)
-        self.reason = getattr(error, "reason", None)
-        self.library = getattr(error, "library", None)
+        # None where the error did not carry one (typeshed has no None here).
+        self.verify_code = getattr(error, "verify_code", None)  # type: ignore[assignment]
+        self.verify_message = getattr(error, "verify_message", None)  # type: ignore[assignment]
+        self.reason = getattr(error, "reason", None)  # type: ignore[assignment]
+        self.library = getattr(error, "library", None)  # type: ignore[assignment]
 
     def __str__(self) -> str:
         return str(self.args[1])

@@ -21,7 +21,7 @@ the version, rather than silently turning a limit off.
 from __future__ import annotations
 
 import struct
-from typing import Any, Optional, cast
+from typing import Any, Optional, Union, cast
 
 import wsproto
 from wsproto.frame_protocol import (
@@ -47,7 +47,9 @@ SUPPORTED = "wsproto >= 1.2, < 2"
 
 # wsproto 1.2's masker returns bytes, 1.3's the bytearray (which 1.3 then
 # copies into bytes itself): ours returns what wsproto's does.
-_MASKER_GIVES_BYTES = type(XorMaskerSimple(b"\0\0\0\0").process(bytearray(b"x"))) is bytes
+# (typed object: wsproto's annotations describe only one of the two.)
+_MASKED: object = XorMaskerSimple(b"\0\0\0\0").process(bytearray(b"x"))
+_MASKER_GIVES_BYTES = type(_MASKED) is bytes
 
 
 class _Unmasker:
@@ -61,7 +63,7 @@ class _Unmasker:
 
     __slots__ = ("key",)
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: Union[bytes, bytearray]) -> None:
         self.key = bytes(key)
 
     def process(self, data: bytearray) -> bytearray:
@@ -176,8 +178,8 @@ class Decoder(FrameProtocol):
         if header.opcode is not Opcode.CONTINUATION:
             # A new message (or a protocol error wsproto reports next): this
             # frame is all of it, whatever part of it was consumed already.
-            return cast(int, header.payload_len)
-        return so_far + cast(int, header.payload_len) - decoder.payload_consumed
+            return header.payload_len
+        return so_far + header.payload_len - decoder.payload_consumed
 
     def _process_close(self, frame: Frame) -> Frame:
         data = cast(bytes, frame.payload)
