@@ -689,6 +689,9 @@ def _check_ssl_context(context: Any) -> Optional[ssl.SSLContext]:
         raise TypeError(f"ssl_context must be an ssl.SSLContext (or None for ws://), "
                         f"not {context!r}")
     try:
+        if context.protocol == ssl.PROTOCOL_TLS_CLIENT:
+            # What wrap_bio says from Python 3.10 on; 3.9's accepts it.
+            raise ValueError("Cannot create a server socket with a PROTOCOL_TLS_CLIENT context")
         context.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_side=True)
     except (ValueError, ssl.SSLError) as exc:
         raise ValueError(f"ssl_context cannot serve TLS: {exc} (make it with "
