@@ -282,9 +282,9 @@ def test_redirect_example_follows_the_old_path(make_server):
         ws.send("echo")
         assert ws.recv(timeout=WAIT) == "echo"
     assert hops == [(base + "/rooms/hall?x=1", "/rooms/hall?x=1")]
-    if int(websockets.version.version.split(".")[0]) < 16:
-        pytest.skip("websockets' sync client follows redirects from websockets 16 on, "
-                    "which needs Python 3.10")
+    if int(websockets.version.version.split(".")[0]) < 17:
+        pytest.skip("websockets' sync client follows redirects from websockets 17 on "
+                    "(Python 3.11 and later)")
     with connect(base + "/chat/porch") as ws:  # websockets' client follows it too
         assert ws.recv(timeout=WAIT) == "welcome to porch"
 
