@@ -176,7 +176,7 @@ class Server:
                  env_extra: Optional[Dict[str, str]] = None) -> None:
         self.spec = spec
         self.log_path = os.path.join(log_dir, f"{spec.name}.log")
-        log = open(self.log_path, "ab")
+        log = open(self.log_path, "ab")  # noqa: SIM115 (closed after Popen)
         env = dict(os.environ, **(env_extra or {}))
         env.pop("BENCH_CERTFILE", None)
         if tls:
@@ -301,7 +301,7 @@ class JsonLineProcess:
     def __init__(self, proc: subprocess.Popen) -> None:
         self.proc = proc
         self.pid = proc.pid
-        self.events: "queue.Queue[Optional[dict]]" = queue.Queue()
+        self.events: queue.Queue[Optional[dict]] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -437,7 +437,7 @@ class Outcome:
 class Scenario:
     key: str
     metrics: Sequence[Metric]
-    run: Callable[["Context", Any], Outcome]
+    run: Callable[[Context, Any], Outcome]
     tls: bool = False  # wss://: the servers serve TLS, the load generator speaks it
     cluster: bool = False  # two processes of the server and a Redis (gaman_sync only)
     env: Optional[Dict[str, str]] = None  # for the server process (gaman_sync only)
@@ -463,7 +463,8 @@ class Context:
 def machine_busy() -> float:
     """CPU seconds the whole machine has spent not idle, from /proc/stat."""
     with open("/proc/stat") as f:
-        user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+        fields = map(int, f.readline().split()[1:9])
+        user, nice, system, _idle, _iowait, irq, softirq, steal = fields
     return (user + nice + system + irq + softirq + steal) / TICK
 
 
@@ -480,7 +481,7 @@ class Window:
         return (time.monotonic(), self.server.cpu(), sum(g.cpu() for g in self.gens),
                 machine_busy(), cpu_seconds(os.getpid()))
 
-    def close(self, out: "Outcome") -> "Outcome":
+    def close(self, out: Outcome) -> Outcome:
         end = self._sample()
         wall, server, gen, busy, own = (b - a for a, b in zip(self.start, end))
         out.wall, out.server_cpu, out.gen_cpu = wall, server, gen
@@ -839,13 +840,13 @@ def bounded_median(pairs: Sequence[tuple]) -> tuple:
     return value, (bounds.pop() if len(bounds) == 1 else "?" if bounds else "")
 
 
-def value_of(run: "Outcome", key: str) -> Optional[tuple]:
+def value_of(run: Outcome, key: str) -> Optional[tuple]:
     if key not in run.values:
         return None
     return run.values[key], ">" if key in run.atleast else ""
 
 
-def round_ratios(runs: Sequence["Outcome"], refs: Sequence["Outcome"], key: str) -> List[tuple]:
+def round_ratios(runs: Sequence[Outcome], refs: Sequence[Outcome], key: str) -> List[tuple]:
     """Each round's value over the reference's value in the same round.
     Neighbours in time share the machine's state (clock, idle states, other
     load) far better than rounds do, so pairing them cancels most of it."""
@@ -940,8 +941,8 @@ def render(results, specs: List[ServerSpec], scens: List[Scenario], header: str,
 
 def _notes(scen: Scenario, metric: Metric, first: bool, runs: Sequence[Outcome]) -> List[str]:
     """What a row of the table needs said: failures, the load generator's
-    share of a core (saturated or not) or a busy machine (on the scenario's first row), then the notes
-    of the run nearest the median, since their numbers vary from round to
+    share of a core (saturated or not) or a busy machine (on the scenario's first
+    row), then the notes of the run nearest the median, since their numbers vary from round to
     round (every run's are in --json)."""
     notes: List[str] = []
     n = len(runs)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 from typing import List, Optional, Tuple, Union
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
@@ -132,4 +133,4 @@ class ChatRoom(RuleBasedStateMachine):
 ChatRoom.TestCase.settings = settings(
     max_examples=100, stateful_step_count=12, derandomize=True, deadline=None, database=None,
     suppress_health_check=[HealthCheck.too_slow])
-TestChatRoom = ChatRoom.TestCase
+TestChatRoom = pytest.mark.slow(ChatRoom.TestCase)  # a long property run

@@ -28,7 +28,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .version import __version__
+from .version import __version__ as __version__
 
 # name -> the module that defines it
 _EXPORTS = {
@@ -68,22 +68,49 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-def __dir__() -> list:
+def __dir__() -> list[str]:  # (not typing.List: no extra public name)
     return sorted({*globals(), *__all__})
 
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
-    from .app import Block, define_block
-    from .broker import Broker, BrokerUnavailable, LocalBroker, RedisBroker
-    from .client import ClientConnection, InvalidCertificate, connect
-    from .connection import Connection, ReadyState, WebSocketHandler
-    from .exceptions import (ConnectionClosed, ConnectionClosedError, ConnectionClosedOK,
-                             HandshakeTimeout, InvalidHandshake, InvalidHeader,
-                             InvalidMessage, InvalidRedirect, InvalidStatus, InvalidURI,
-                             SendTimeout, WebSocketError)
-    from .options import Deflate, Options
-    from .protocol import CloseCode, Headers, Request, Response
-    from .server import (Accept, BlockServer, Redirect, Reject, ServerConnection,
-                         WebSocketServer, serve)
-    from .wsgi import WebSocketMiddleware
+    # "X as X": an explicit re-export (mypy --strict cannot read the
+    # computed __all__ above).
+    from .app import Block as Block
+    from .app import define_block as define_block
+    from .broker import Broker as Broker
+    from .broker import BrokerUnavailable as BrokerUnavailable
+    from .broker import LocalBroker as LocalBroker
+    from .broker import RedisBroker as RedisBroker
+    from .client import ClientConnection as ClientConnection
+    from .client import connect as connect
+    from .connection import Connection as Connection
+    from .connection import ReadyState as ReadyState
+    from .connection import WebSocketHandler as WebSocketHandler
+    from .exceptions import ConnectionClosed as ConnectionClosed
+    from .exceptions import ConnectionClosedError as ConnectionClosedError
+    from .exceptions import ConnectionClosedOK as ConnectionClosedOK
+    from .exceptions import HandshakeTimeout as HandshakeTimeout
+    from .exceptions import InvalidHandshake as InvalidHandshake
+    from .exceptions import InvalidHeader as InvalidHeader
+    from .exceptions import InvalidMessage as InvalidMessage
+    from .exceptions import InvalidRedirect as InvalidRedirect
+    from .exceptions import InvalidStatus as InvalidStatus
+    from .exceptions import InvalidURI as InvalidURI
+    from .exceptions import SendTimeout as SendTimeout
+    from .exceptions import WebSocketError as WebSocketError
+    from .io.tls import InvalidCertificate as InvalidCertificate
+    from .options import Deflate as Deflate
+    from .options import Options as Options
+    from .protocol import CloseCode as CloseCode
+    from .protocol import Headers as Headers
+    from .protocol import Request as Request
+    from .protocol import Response as Response
+    from .server import Accept as Accept
+    from .server import BlockServer as BlockServer
+    from .server import Redirect as Redirect
+    from .server import Reject as Reject
+    from .server import ServerConnection as ServerConnection
+    from .server import WebSocketServer as WebSocketServer
+    from .server import serve as serve
+    from .wsgi import WebSocketMiddleware as WebSocketMiddleware
     WebSocketContext = ServerConnection

@@ -100,6 +100,7 @@ own, since it knows its threads).
 
 from __future__ import annotations
 
+import io
 import logging
 import signal
 import socket
@@ -347,10 +348,17 @@ def _read_ahead(environ: Environ, sock: socket.socket) -> bytes:
     sent without waiting for the 101), taken from its buffer."""
     stream: Any = environ.get("wsgi.input")  # a file-like object, or None
     # gunicorn: the request's body reader sits on the connection's read-ahead.
-    take = getattr(getattr(getattr(stream, "reader", None), "unreader", None),
-                   "take_buffered", None)
+    unreader: Any = getattr(getattr(stream, "reader", None), "unreader", None)
+    take = getattr(unreader, "take_buffered", None)
     if callable(take):
         return bytes(take())
+    buffered = getattr(unreader, "buf", None)
+    if isinstance(buffered, io.BytesIO):
+        # A gunicorn without take_buffered (23, the last for Python 3.9):
+        # what take_buffered does, on the same buffer.
+        data = buffered.getvalue()
+        unreader.buf = io.BytesIO()
+        return data
     # werkzeug: wsgi.input is the connection's buffered reader; peek without
     # blocking (the socket in non-blocking mode for one call).
     peek = getattr(stream, "peek", None)

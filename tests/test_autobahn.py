@@ -18,7 +18,7 @@ import pytest
 
 from gaman_sync import define_block
 
-pytestmark = pytest.mark.autobahn
+pytestmark = [pytest.mark.autobahn, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 WSTEST = ROOT / ".ci" / "autobahn" / "wstest"

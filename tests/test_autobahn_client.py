@@ -44,7 +44,7 @@ from .test_autobahn import (
 # rather than quietly leaving the stand-in under test.
 gaman_connect = getattr(gaman_sync, "connect", None)
 
-pytestmark = pytest.mark.autobahn
+pytestmark = [pytest.mark.autobahn, pytest.mark.slow]
 
 AGENT = "gaman_sync"
 
@@ -243,7 +243,7 @@ def test_fuzzingserver_all_cases_pass(tmp_path, monkeypatch):
     with log.open("wb") as out:
         # cwd: wstest writes a default spec into the current directory when it
         # cannot find the one it is given. -u 0: no web server for the reports.
-        process = subprocess.Popen(command + ["-m", "fuzzingserver", "-s", str(spec), "-u", "0"],
+        process = subprocess.Popen([*command, "-m", "fuzzingserver", "-s", str(spec), "-u", "0"],
                                    cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                    stderr=subprocess.STDOUT)
         try:

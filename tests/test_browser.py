@@ -34,6 +34,8 @@ SCREENSHOT = ROOT / "docs" / "chat.png"
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 REQUIRED = os.environ.get("GAMAN_SYNC_REQUIRE_PEERS") == "1"
+
+pytestmark = pytest.mark.slow  # a real browser: seconds per test
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--window-size=720,560", "--force-device-scale-factor=1", "--hide-scrollbars"]

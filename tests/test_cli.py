@@ -22,12 +22,13 @@ from typing import Dict, Iterator, List, Optional
 
 import pytest
 
-import gaman_sync
 from gaman_sync import ConnectionClosedOK, connect
 
 from .conftest import WAIT
 
-ROOT = Path(gaman_sync.__file__).resolve().parent.parent
+# The checkout: examples/ and README.rst are there (the package under test
+# may be installed elsewhere: .ci/test-installed).
+ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 
 

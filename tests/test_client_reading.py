@@ -96,7 +96,7 @@ def in_thread(function: Callable[[], Any]) -> Dict[str, Any]:
     def run() -> None:
         try:
             out["result"] = function()
-        except BaseException as exc:  # noqa: BLE001 - reported to the test
+        except BaseException as exc:
             out["error"] = exc
         finally:
             out["done"] = True
@@ -134,7 +134,7 @@ def test_a_ping_is_answered_while_the_application_is_away(server):
 
 
 def test_the_servers_close_is_handled_while_the_application_is_away(server):
-    srv, url = server
+    _srv, url = server
     with client(url) as conn:
         round_trips(conn)
         conn.send("!close")

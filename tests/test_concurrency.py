@@ -182,6 +182,7 @@ def summary(durations: List[float]) -> str:
             f"p99 {ordered[int(n * 0.99)] * 1000:.2f} ms, median {ordered[n // 2] * 1000:.2f} ms")
 
 
+@pytest.mark.slow
 def test_eight_senders_broadcast_to_200_clients(make_server, capsys):
     room = BroadcastRoom()
     server, crowd, report, _ = run_broadcast_room(make_server, room, stalled=False)

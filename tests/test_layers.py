@@ -111,8 +111,8 @@ def test_every_exported_name_exists_and_is_listed():
         gaman_sync.no_such_name  # noqa: B018
 
 
-@pytest.mark.parametrize("sub", ["app", "protocol", "io", "broker", "connection", "server", "client",
-                                 "wsgi"])
+@pytest.mark.parametrize("sub", ["app", "protocol", "io", "broker", "connection", "server",
+                                 "client", "wsgi"])
 def test_each_layer_exports_what_it_lists(sub):
     module = importlib.import_module(f"gaman_sync.{sub}")
     assert module.__all__, sub

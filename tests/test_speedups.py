@@ -31,6 +31,11 @@ from .conftest import WAIT, Recorder
 LINUX = sys.platform.startswith("linux")
 needs_gate = pytest.mark.skipif(nonblocking.recv_gated is None,
                                 reason="the C helper is not built here")
+# Set where the package was installed without a compiler on purpose
+# (.ci/test-installed VERSION no-helper); anywhere else the helper must be built.
+WITHOUT_HELPER = os.environ.get("GAMAN_SYNC_WITHOUT_HELPER") == "1"
+needs_helper = pytest.mark.skipif(WITHOUT_HELPER, reason="installed without the C helper "
+                                  "on purpose (GAMAN_SYNC_WITHOUT_HELPER=1)")
 
 keys = st.binary(min_size=4, max_size=4)
 payloads = st.one_of(st.binary(max_size=300), st.binary(min_size=1000, max_size=70000))
@@ -42,6 +47,12 @@ def reference_xor(data: bytes, key: bytes) -> bytes:
 
 def test_the_helpers_are_built():
     # CI compiles them; a silent fallback would leave the fast path untested.
+    if WITHOUT_HELPER:  # then the fallback is in use, and says why
+        built, why = nonblocking.speedups_status()
+        assert not built and why, (built, why)
+        assert frames.xor_mask is None and not Protocol(Side.SERVER).unmasks_in_c
+        assert nonblocking.send is nonblocking.send_plain
+        return
     assert frames.xor_mask is not None
     assert nonblocking.speedups_status() == (True, "")
     assert nonblocking.send is not nonblocking.send_plain
@@ -182,6 +193,7 @@ def test_sending_to_a_vanished_peer_raises_without_sigpipe(calls):
     a.close()
 
 
+@needs_helper
 @given(data=st.binary(max_size=200), key=keys)
 def test_xor_mask_is_the_rfc_xor(data, key):
     buf = bytearray(data)
@@ -189,6 +201,7 @@ def test_xor_mask_is_the_rfc_xor(data, key):
     assert bytes(buf) == reference_xor(data, key)
 
 
+@needs_helper
 def test_xor_mask_refuses_bad_arguments():
     with pytest.raises(ValueError):
         frames.xor_mask(bytearray(8), b"abc")
@@ -209,6 +222,8 @@ def messages(proto: Protocol, wire: bytes, cuts) -> list:
     return got
 
 
+@pytest.mark.slow  # a long property run
+@needs_helper
 @given(sent=st.lists(st.tuples(st.booleans(), payloads, keys), min_size=1, max_size=4),
        cuts=st.lists(st.integers(0, 300000), max_size=10))
 def test_protocol_gives_the_same_messages_with_and_without_the_helper(sent, cuts):
@@ -224,7 +239,8 @@ def test_protocol_gives_the_same_messages_with_and_without_the_helper(sent, cuts
     assert with_helper == without == expected
 
 
-@pytest.mark.parametrize("helper", [True, False], ids=["C helpers", "pure Python"])
+@pytest.mark.parametrize("helper", [
+    pytest.param(True, id="C helpers", marks=needs_helper), pytest.param(False, id="pure Python")])
 def test_echo_on_a_real_socket(make_server, helper):
     transports = []
 

@@ -66,6 +66,9 @@ class ConnectionMachine(RuleBasedStateMachine):
         self.id = f"sm{next(_ids)}"
         self.client = RawPeer.open("127.0.0.1", self.port, path=f"/sm?id={self.id}")
         self.rec = self.block.recorder(self.id)
+        # on_open runs after the 101 that open() waited for: wait for it too,
+        # or the first invariant may look before it was recorded.
+        self.rec.wait_kind("open")
         self.messages: list = []
         self.pongs: List[bytes] = []
         self.partial: Optional[Tuple[int, list]] = None  # an unfinished message

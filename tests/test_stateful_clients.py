@@ -351,4 +351,4 @@ def test_refused_clients_do_not_hold_capacity(make_server):
 
 ClientsMachine.TestCase.settings = settings(settings.default, max_examples=150,
                                             stateful_step_count=50)
-TestClients = ClientsMachine.TestCase
+TestClients = pytest.mark.slow(ClientsMachine.TestCase)  # a long property run

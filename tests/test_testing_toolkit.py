@@ -177,6 +177,7 @@ def test_local_client_refused_by_the_handshake_leaves_nothing():
 
 # -- run_server ----------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts fds in /proc")
 def test_run_server_leaks_no_thread_and_no_port_over_200_uses():
     block = define_block("/echo", lambda ctx: {"on_message": ctx.send})

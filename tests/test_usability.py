@@ -28,8 +28,10 @@ from gaman_sync.testing.raw import BINARY, CLOSE, TEXT, Frame, RawPeer, frame, p
 
 from .conftest import WAIT
 
-# The checkout of the package under test: examples/ and README.rst are there.
-ROOT = Path(gaman_sync.__file__).resolve().parent.parent
+# The checkout: examples/ and README.rst are there (the package under test
+# may be installed elsewhere: .ci/test-installed).
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = Path(gaman_sync.__file__).resolve().parent
 PYTHON = sys.executable
 
 
@@ -188,7 +190,7 @@ def test_serious_4_readme_run_command_uses_the_c_helper_and_says_so():
     readme = (ROOT / "README.rst").read_text()
     assert (".venv/bin/pip install -q -e . && .venv/bin/python -m gaman_sync "
             "examples.chat:block") in readme
-    built = any((ROOT / "gaman_sync").glob("_speedups*.so"))
+    built = any(PACKAGE.glob("_speedups*.so"))
     proc = subprocess.Popen([PYTHON, "-m", "gaman_sync", "examples.chat:block", "--port", "0",
                              "--log-level", "info"], cwd=ROOT, env=_env(),
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)

@@ -342,7 +342,7 @@ class Connection:
             return "thread"
         return "borrowed" if loan.borrowed else "lent"
 
-    def read_message(self, timeout: Optional[float] = None) -> Optional[Data]:
+    def read_message(self, timeout: Optional[float] = None) -> Optional[Union[str, bytes]]:
         """Read the next message in the calling thread, once the connection's
         thread has lent its reading (:meth:`lend_reader`); one thread at a
         time. Pings are answered and pongs noted on the way, as the
@@ -748,7 +748,7 @@ class Connection:
             with lock:
                 proto.receive_data(data)
 
-    def _lend(self, loan: "_Loan") -> Any:
+    def _lend(self, loan: _Loan) -> Any:
         """Lend the reading (see :meth:`lend_reader`) and wait until it comes
         back; the event a borrower handed back, or None."""
         cond = loan.cond
@@ -785,7 +785,8 @@ class Connection:
             loan.lent = False
             loan.cond.notify_all()
 
-    def _read_borrowed(self, loan: "_Loan", timeout: Optional[float]) -> "tuple[Optional[Data], bool]":
+    def _read_borrowed(self, loan: _Loan, timeout: Optional[float]
+                       ) -> Tuple[Optional[Union[str, bytes]], bool]:
         """:meth:`read_message`'s loop, in the borrower's thread: (message,
         False), or (None, True) once what it met is handed to the thread."""
         transport = self.transport

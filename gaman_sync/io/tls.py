@@ -447,10 +447,11 @@ class InvalidCertificate(InvalidHandshake, ssl.SSLCertVerificationError):
         why = error.verify_message or error.reason or str(error)
         ssl.SSLCertVerificationError.__init__(
             self, error.errno, f"the TLS certificate of {url} does not verify: {why}")
-        self.verify_code = error.verify_code
-        self.verify_message = error.verify_message
-        self.reason = error.reason
-        self.library = error.library
+        # None where the error did not carry one (typeshed has no None here).
+        self.verify_code = getattr(error, "verify_code", None)  # type: ignore[assignment]
+        self.verify_message = getattr(error, "verify_message", None)  # type: ignore[assignment]
+        self.reason = getattr(error, "reason", None)  # type: ignore[assignment]
+        self.library = getattr(error, "library", None)  # type: ignore[assignment]
 
     def __str__(self) -> str:
         return str(self.args[1])

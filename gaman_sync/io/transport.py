@@ -103,7 +103,7 @@ class PlainTransport(Transport):
         self.recv: Callable[[int], bytes] = recv  # type: ignore[assignment]
         self._send = nonblocking.send if self._native else nonblocking.send_plain
         self._close = nonblocking.close if self._native else nonblocking.close_plain
-        self._poller: Optional["select.poll"] = None  # made by the first recv_for
+        self._poller: Optional[select.poll] = None  # made by the first recv_for
 
     @property
     def uses_speedups(self) -> bool:

@@ -21,7 +21,7 @@ the version, rather than silently turning a limit off.
 from __future__ import annotations
 
 import struct
-from typing import Any, Optional, cast
+from typing import Any, Optional, Union, cast
 
 import wsproto
 from wsproto.frame_protocol import (
@@ -30,6 +30,7 @@ from wsproto.frame_protocol import (
     FrameProtocol,
     Opcode,
     ParseFailed,
+    XorMaskerNull,
     XorMaskerSimple,
 )
 
@@ -46,7 +47,9 @@ SUPPORTED = "wsproto >= 1.2, < 2"
 
 # wsproto 1.2's masker returns bytes, 1.3's the bytearray (which 1.3 then
 # copies into bytes itself): ours returns what wsproto's does.
-_MASKER_GIVES_BYTES = type(XorMaskerSimple(b"\0\0\0\0").process(bytearray(b"x"))) is bytes
+# (typed object: wsproto's annotations describe only one of the two.)
+_MASKED: object = XorMaskerSimple(b"\0\0\0\0").process(bytearray(b"x"))
+_MASKER_GIVES_BYTES = type(_MASKED) is bytes
 
 
 class _Unmasker:
@@ -60,7 +63,7 @@ class _Unmasker:
 
     __slots__ = ("key",)
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: Union[bytes, bytearray]) -> None:
         self.key = bytes(key)
 
     def process(self, data: bytearray) -> bytearray:
@@ -72,8 +75,8 @@ class _Unmasker:
             turn = len(data) & 3
             if turn:
                 self.key = key[turn:] + key[:turn]
-            if _MASKER_GIVES_BYTES:
-                return bytes(data)  # type: ignore[return-value]
+        if _MASKER_GIVES_BYTES:  # wsproto 1.2 (see _Bytes), also when empty
+            return bytes(data)  # type: ignore[return-value]
         return data
 
 
@@ -86,6 +89,31 @@ class _FrameDecoder(FrameDecoder):
             return False
         if type(self.masker) is XorMaskerSimple:
             self.masker = _Unmasker(self.masker._masking_key)  # type: ignore[assignment]
+        return True
+
+
+class _Bytes:
+    """wsproto 1.2's masker, returning bytes as wsproto 1.3 does for every
+    payload: 1.2 hands out the bytearray slice of its buffer for an unmasked
+    frame (what a client receives) and for an empty masked one."""
+
+    __slots__ = ("masker",)
+
+    def __init__(self, masker: Union[XorMaskerNull, XorMaskerSimple]) -> None:
+        self.masker = masker
+
+    def process(self, data: bytearray) -> bytes:
+        return bytes(self.masker.process(data))
+
+
+class _BytesFrameDecoder(FrameDecoder):
+    """wsproto 1.2's frame decoder with payloads as bytes (see :class:`_Bytes`)."""
+
+    def parse_header(self) -> bool:
+        if not super().parse_header():
+            return False
+        if self.masker is not None:
+            self.masker = _Bytes(self.masker)  # type: ignore[assignment]
         return True
 
 
@@ -103,6 +131,8 @@ class Decoder(FrameProtocol):
         super().__init__(client, [extension] if extension is not None else [])
         if xor_mask is not None and unmask_in_c and not client:
             self._frame_decoder = _FrameDecoder(self.client, self.extensions)
+        elif _MASKER_GIVES_BYTES:  # wsproto 1.2 (see _Bytes)
+            self._frame_decoder = _BytesFrameDecoder(self.client, self.extensions)
         self._inbox = self._frame_decoder.buffer
 
     @property
@@ -148,8 +178,8 @@ class Decoder(FrameProtocol):
         if header.opcode is not Opcode.CONTINUATION:
             # A new message (or a protocol error wsproto reports next): this
             # frame is all of it, whatever part of it was consumed already.
-            return cast(int, header.payload_len)
-        return so_far + cast(int, header.payload_len) - decoder.payload_consumed
+            return header.payload_len
+        return so_far + header.payload_len - decoder.payload_consumed
 
     def _process_close(self, frame: Frame) -> Frame:
         data = cast(bytes, frame.payload)
@@ -184,14 +214,23 @@ def _check() -> None:
         if frames:  # wsproto hands out the part received as a frame of its own
             assert frames[0].payload == "ab", frames
             assert decoder.held_utf8() == 2, "UTF-8 decoder state"
-        assert isinstance(decoder._frame_decoder.masker, (XorMaskerSimple, _Unmasker)), \
-            "masker"
-        if not isinstance(decoder._frame_decoder.masker, _Unmasker):
-            assert decoder._frame_decoder.masker._masking_key == key
+        masker = decoder._frame_decoder.masker
+        if isinstance(masker, _Bytes):
+            masker = masker.masker
+        assert isinstance(masker, (XorMaskerSimple, _Unmasker)), "masker"
+        if not isinstance(masker, _Unmasker):
+            assert masker._masking_key == key
         # Our close parser replaces wsproto's.
         closer = Decoder(client=True)
-        closer.feed(b"\x88\x02" + struct.pack("!H", 1014))
-        (close,) = list(closer.received_frames())
+        closer.feed(b"\x82\x01x\x89\x01p\x88\x02" + struct.pack("!H", 1014))
+        binary, ping, close = list(closer.received_frames())
+        # Payloads are bytes, as wsproto 1.3 gives them (not 1.2).
+        assert type(binary.payload) is bytes and type(ping.payload) is bytes, \
+            (binary, ping)
+        empty = Decoder(client=False, unmask_in_c=False)
+        empty.feed(b"\x82\x80" + key)
+        (nothing,) = list(empty.received_frames())
+        assert type(nothing.payload) is bytes, nothing
         assert close.payload == (1014, ""), close.payload
     except Exception as exc:  # AssertionError, AttributeError, TypeError...
         raise ImportError(

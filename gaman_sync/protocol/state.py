@@ -36,7 +36,7 @@ connection's lock held.
 from __future__ import annotations
 
 from enum import Enum
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 from ..exceptions import ConnectionClosed
 from ._wsproto import Decoder, Opcode, ParseFailed
@@ -108,10 +108,12 @@ class Protocol:
             bits, no_context = deflate.receiving(client)
             inflater = Inflater(bits, no_context, max_message_size)
         self._decoder = Decoder(client, unmask_in_c, inflater)
-        self._frames: Optional[Iterator] = None  # wsproto's frame generator, while it yields
+        # wsproto's frame generator, while it yields (of Any: a frame's payload
+        # type follows its opcode, which wsproto's annotations cannot say).
+        self._frames: Optional[Iterator[Any]] = None
         self.state = _OPEN
         """:attr:`State.OPEN`, ``CLOSING`` or ``CLOSED``."""
-        self._parts: list = []
+        self._parts: List[Any] = []  # str or bytes parts of one message
         self._size = 0
         self._max = max_message_size
         self.close_code: Optional[int] = None

@@ -7,8 +7,8 @@ connection, and each open connection has its own. Nothing else.
 """
 
 from .blocks import BlockServer, Endpoint
-from .decisions import Accept, Redirect, Reject
 from .connection import ServerConnection
+from .decisions import Accept, Redirect, Reject
 from .processes import WorkersFailed
 from .server import WebSocketServer, serve, serve_until_signalled
 from .stats import ServerStats

@@ -82,28 +82,60 @@ SubprotocolSelector = Callable[[List[str], Request], Optional[str]]
 class Endpoint(_Interface):
     """What a server routes requests to (a :class:`gaman_sync.Block`)."""
 
-    path: str
-    """The path pattern (see :mod:`.routing`)."""
-    websocket: Optional[Callable[[ServerConnection], Any]]
-    """The WebSocket handler; None for an endpoint that serves plain HTTP
-    only (or only redirects)."""
-    http: Optional[Callable[[Request], Any]]
-    """Answers plain GET and HEAD requests (see :mod:`.http`), or None."""
-    subprotocols: Union[Tuple[str, ...], SubprotocolSelector]
-    """The subprotocols it speaks, in its order of preference, or a function
-    ``(offered, request) -> chosen or None``."""
-    origins: Optional[Tuple[str, ...]]
-    """The ``Origin`` values it accepts (``"*"``: any); None: the server's default."""
-    require_origin: bool
-    """Refuse a request without ``Origin`` when ``origins`` is a list."""
-    on_request: Optional[Callable[[Request], Decision]]
-    """Decides before the 101, in the connection's thread (see :mod:`.decisions`)."""
-    redirect: Optional[str]
-    """A path template (``/r/:room``) every request is redirected to, or None."""
-    redirect_status: int
-    """The status of those redirects."""
-    on_redirect: Optional[Callable[[str, Request], Any]]
-    """Called with the absolute URL and the request, for each redirect made."""
+    # Read-only properties: a frozen dataclass (a Block) satisfies them,
+    # where plain annotations would ask for settable attributes.
+
+    @property
+    def path(self) -> str:
+        """The path pattern (see :mod:`.routing`)."""
+        ...
+
+    @property
+    def websocket(self) -> Optional[Callable[[ServerConnection], Any]]:
+        """The WebSocket handler; None for an endpoint that serves plain HTTP
+        only (or only redirects)."""
+        ...
+
+    @property
+    def http(self) -> Optional[Callable[[Request], Any]]:
+        """Answers plain GET and HEAD requests (see :mod:`.http`), or None."""
+        ...
+
+    @property
+    def subprotocols(self) -> Union[Tuple[str, ...], SubprotocolSelector]:
+        """The subprotocols it speaks, in its order of preference, or a function
+        ``(offered, request) -> chosen or None``."""
+        ...
+
+    @property
+    def origins(self) -> Optional[Tuple[str, ...]]:
+        """The ``Origin`` values it accepts (``"*"``: any); None: the server's default."""
+        ...
+
+    @property
+    def require_origin(self) -> bool:
+        """Refuse a request without ``Origin`` when ``origins`` is a list."""
+        ...
+
+    @property
+    def on_request(self) -> Optional[Callable[[Request], Decision]]:
+        """Decides before the 101, in the connection's thread (see :mod:`.decisions`)."""
+        ...
+
+    @property
+    def redirect(self) -> Optional[str]:
+        """A path template (``/r/:room``) every request is redirected to, or None."""
+        ...
+
+    @property
+    def redirect_status(self) -> int:
+        """The status of those redirects."""
+        ...
+
+    @property
+    def on_redirect(self) -> Optional[Callable[[str, Request], Any]]:
+        """Called with the absolute URL and the request, for each redirect made."""
+        ...
 
     def handler_for(self, ctx: ServerConnection) -> WebSocketHandler:
         """The callbacks for a new connection, called in its thread."""
