@@ -106,9 +106,9 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m gaman_sync.cli
             try:
                 context.load_cert_chain(args.certfile, args.keyfile)
             except (OSError, ssl.SSLError) as exc:
+                hint = "" if args.keyfile else "; if the key is in another file, give --keyfile"
                 parser.error(f"--certfile {args.certfile}: cannot load the certificate and "
-                             f"its key ({getattr(exc, 'strerror', None) or exc}"
-                             f"{'' if args.keyfile else '; is the key in another file? --keyfile'})")
+                             f"its key ({getattr(exc, 'strerror', None) or exc}{hint})")
     try:
         conn = connect(args.url, ssl_context=context)
     except (OSError, InvalidHandshake) as exc:  # refused, unreachable, not a WebSocket
