@@ -353,22 +353,31 @@ class Connection:
         loan = self._loan
         if loan is None:
             return None
-        with loan.cond:
+        cond = loan.cond
+        # The condition's own acquire and release (its lock's, C calls): the
+        # with statement would add two Python calls to every message.
+        cond.acquire()
+        try:
             if not loan.lent or loan.borrowed:
                 return None
             loan.borrowed = True
+        finally:
+            cond.release()
         handed = False
         try:
             message, handed = self._read_borrowed(loan, timeout)
             return message
         finally:
-            with loan.cond:
+            cond.acquire()
+            try:
                 loan.borrowed = False
                 loan.visits += 1
                 if handed or loan.reclaim:
                     loan.reclaim = False
                     loan.lent = False
-                    loan.cond.notify_all()
+                    cond.notify_all()
+            finally:
+                cond.release()
 
     def reclaim_reader(self) -> None:
         """Give the reading back to the connection's thread now if no caller
@@ -794,8 +803,11 @@ class Connection:
         proto = self._proto
         deadline = None if timeout is None else time.monotonic() + timeout
         event: Any
+        has_input = proto.has_buffered_input
         while True:
-            while True:
+            # What the last read brought in, one event at a time (usually
+            # nothing on entry: a request-response exchange read it all).
+            while has_input():
                 with lock:
                     out, event = proto.next_event()
                     if out:
