@@ -21,7 +21,7 @@ from websockets.exceptions import InvalidStatus as WsInvalidStatus
 
 try:
     from websockets.sync.client import reconnect as ws_reconnect
-except ImportError:  # websockets < 16, the newest on Python 3.9, has no sync reconnect
+except ImportError:  # websockets < 17 (Python 3.9 and 3.10) has no sync reconnect
     ws_reconnect = None
 
 from gaman_sync import (
@@ -57,7 +57,7 @@ def ws_open(url: str, **kwargs: Any):
     """(websockets' client, its open connection) for ``url``."""
     if ws_reconnect is None:
         pytest.skip("websockets' client follows redirects with process_redirect from "
-                    "websockets 16 on, which needs Python 3.10")
+                    "websockets 17 on (Python 3.11 and later)")
     client = WsClient(url, **kwargs)
     return client, client.connect()
 
