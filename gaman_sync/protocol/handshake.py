@@ -89,7 +89,8 @@ def to_request(event: h11.Request, remote_address: Optional[Tuple[Any, ...]]) ->
 
 
 def check_upgrade(request: Request) -> bytes:
-    """Check that ``request`` is a valid WebSocket upgrade; return its key.
+    """Check that ``request`` is a valid WebSocket upgrade; return its key
+    (and set its :attr:`~gaman_sync.protocol.Request.extensions`).
 
     The routing (404) and the method (405) are checked by the caller first.
     """
@@ -126,6 +127,9 @@ def check_upgrade(request: Request) -> bytes:
         valid = False
     if not valid:
         raise HandshakeError(400, "Sec-WebSocket-Key is not 16 bytes in base64")
+    extensions = headers.get("sec-websocket-extensions")
+    if extensions:
+        request.extensions = tuple(extensions)
     return key
 
 

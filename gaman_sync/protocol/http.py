@@ -57,7 +57,7 @@ class Request:
     """The opening handshake request of a connection (``ctx.request``)."""
 
     __slots__ = ("method", "target", "path", "query_string", "headers",
-                 "remote_address", "http_version", "params", "_query")
+                 "remote_address", "http_version", "params", "extensions", "_query")
 
     def __init__(
         self,
@@ -85,6 +85,10 @@ class Request:
         """The parameters of the block's path (``/rooms/:room`` gives
         ``{"room": ...}``; a trailing ``*`` gives ``{"*": the rest}``), set by
         routing."""
+        self.extensions: Tuple[str, ...] = ()
+        """The ``Sec-WebSocket-Extensions`` values offered, one per header
+        line, as found by the upgrade's check (the server negotiates from
+        them without looking through the headers again)."""
         self._query: Optional[Dict[str, str]] = None
 
     @property

@@ -514,7 +514,7 @@ class WebSocketServer:
         answer = None
         deflate = options.deflate
         if deflate is not None:
-            offers = request.headers.get_all("sec-websocket-extensions")
+            offers = request.extensions  # found by the upgrade's check
             answer = server_answer(offers, deflate) if offers else None
         conn = ServerConnection(
             transport,
