@@ -4,6 +4,7 @@ server; print a markdown table.
     pip install -e .[bench]
     python benchmarks/clients.py [--rounds N] [--duration S] [--clients a,b]
                                  [--server NAME] [--quick] [--json FILE]
+                                 [--baseline DIR]
 
 The clients are gaman_sync's (``gaman_sync.connect``), websockets' threaded
 one (``websockets.sync.client.connect``, the reference of the ratio column)
@@ -300,6 +301,24 @@ def _check_gaman_sync() -> Optional[str]:
     return None
 
 
+def _check_baseline(directory: str) -> Callable[[], Optional[str]]:
+    def check() -> Optional[str]:
+        if not os.path.isfile(os.path.join(directory, "gaman_sync", "__init__.py")):
+            return f"--baseline: no gaman_sync package in {directory}"
+        return None
+    return check
+
+
+def baseline_spec(directory: str) -> ClientSpec:
+    """gaman_sync's client from another checkout (``--baseline DIR``, its C
+    helper built in place): before and after a change in the same run."""
+    return ClientSpec(BASELINE, "gaman_sync (baseline)", open_gaman_sync,
+                      _check_baseline(directory), pythonpath=os.path.abspath(directory))
+
+
+BASELINE = "gaman_sync-baseline"
+
+
 def _check_module(module: str, attribute: str, dist: str) -> Callable[[], Optional[str]]:
     def check() -> Optional[str]:
         try:
@@ -319,6 +338,7 @@ class ClientSpec:
     label: str
     opener: Callable[[str, bool], Tuple[Send, Recv, Close]]
     check: Callable[[], Optional[str]]  # why it cannot run here, or None
+    pythonpath: Optional[str] = None  # put first on the worker's import path
 
 
 CLIENT_SPECS = [
@@ -380,7 +400,8 @@ def worker_main(config_text: str) -> int:
     # The watchdog: if the parent died or never says "close", SIGALRM's
     # default action ends this process.
     signal.alarm(int(config["lifetime"]))
-    spec = {c.name: c for c in CLIENT_SPECS}[config["client"]]
+    name = config["client"]
+    spec = baseline_spec(".") if name == BASELINE else {c.name: c for c in CLIENT_SPECS}[name]
     scenario = {s.key: s for s in SCENARIOS}[config["scenario"]]
     message = scenario.message()
     duration = float(config["duration"])
@@ -446,12 +467,16 @@ class Worker(JsonLineProcess):
 
     name = "client"
 
-    def __init__(self, config: dict, log_path: str) -> None:
+    def __init__(self, config: dict, log_path: str, pythonpath: Optional[str] = None) -> None:
         self.log_path = log_path
+        env = worker_env()
+        if pythonpath:
+            env["PYTHONPATH"] = os.pathsep.join(
+                [pythonpath] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         log = open(log_path, "ab")  # noqa: SIM115 (closed after Popen)
         proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(config)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=worker_env(),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env,
             start_new_session=True)
         log.close()
         super().__init__(proc)
@@ -509,7 +534,7 @@ def measure(spec: ClientSpec, scenario: Scenario, server: Server, duration: floa
               "duration": duration,
               "lifetime": READY_TIMEOUT + QUIET_LIMIT + duration + RESULT_SLACK + EXIT_TIMEOUT}
     worker = Worker(config, os.path.join(
-        log_dir, f"client-{spec.name}-{scenario.key}-round{rnd + 1}.log"))
+        log_dir, f"client-{spec.name}-{scenario.key}-round{rnd + 1}.log"), spec.pythonpath)
     out = Run()
     try:
         worker.wait("ready", READY_TIMEOUT)
@@ -583,7 +608,7 @@ def render(results: Dict[Tuple[str, str], List[Run]], specs: Sequence[ClientSpec
            skipped: Dict[str, str], scenarios: Sequence[Scenario], header: str) -> str:
     rounds = max((len(runs) for runs in results.values()), default=0)
     spread = rounds > 1
-    label = {s.name: s.label for s in CLIENT_SPECS}
+    label = {s.name: s.label for s in specs}
     ref_label = label.get(REFERENCE, REFERENCE)
     lines = [header, "",
              "| scenario | client | median | " + ("min–max | " if spread else "")
@@ -640,6 +665,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help=f"the one server of the run (default {DEFAULT_SERVER})")
     parser.add_argument("--quick", action="store_true", help="one round of 1 s")
     parser.add_argument("--json", metavar="FILE", help="also write every run's numbers here")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="also run the gaman_sync of this checkout (its C helper built "
+                             "in place) as 'gaman_sync-baseline': before and after in the "
+                             "same run")
     args = parser.parse_args(argv)
     rounds = args.rounds or (1 if args.quick else 3)
     duration = args.duration or (1.0 if args.quick else 2.0)
@@ -647,6 +676,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--rounds and --duration must be positive")
 
     specs = pick(parser, "clients", args.clients, CLIENT_SPECS, lambda c: c.name)
+    if args.baseline:
+        specs.insert(1, baseline_spec(args.baseline))
     skipped: Dict[str, str] = {}
     for spec in specs:
         why = spec.check()

@@ -8,6 +8,14 @@
  * This does the same XOR eight bytes at a time (which compilers vectorise).
  * wsproto still parses and validates every frame; only the XOR is done here.
  *
+ * client_frame: a client's whole data frame, header, masking key and masked
+ * payload, in one new bytes object: one pass over the payload (encoding it
+ * in Python costs a copy, an XOR pass and a join), and the keys come from a
+ * pool of os.urandom() bytes refilled every 1,024 frames instead of a
+ * system call per frame (RFC 6455 5.3 asks for keys a peer cannot predict,
+ * not for one call each; ws, Node's library, pools them the same way). The
+ * pool is emptied in a forked child, which must not reuse its parent's keys.
+ *
  * send, recv, close, accept: socket calls that cannot block made without
  * releasing the GIL. CPython releases it around every socket call; with
  * other threads waiting for it, each release hands it over, and the caller,
@@ -30,6 +38,13 @@
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
+
+/* The masking keys not used yet (see client_frame). Taken under the GIL. */
+#define KEY_POOL 4096
+static unsigned char key_pool[KEY_POOL];
+static Py_ssize_t key_pool_used = KEY_POOL;
+static PyObject *urandom = NULL;  /* os.urandom */
+
 #ifndef _WIN32
 #include <sys/socket.h>
 #include <sys/types.h>
@@ -81,6 +96,7 @@ gate_reset_in_child(void)
     gate_tokens = 0;
     pthread_mutex_init(&gate_mutex, NULL);
     pthread_cond_init(&gate_cond, NULL);
+    key_pool_used = KEY_POOL;  /* the parent's keys are not for the child */
 }
 #endif
 
@@ -117,6 +133,147 @@ xor_mask(PyObject *module, PyObject *args)
     PyBuffer_Release(&data);
     PyBuffer_Release(&key);
     Py_RETURN_NONE;
+}
+
+static int
+next_key(unsigned char *key)
+{
+    if (key_pool_used + 4 > KEY_POOL) {
+        PyObject *fresh;
+        if (urandom == NULL) {
+            PyObject *os = PyImport_ImportModule("os");
+            if (os == NULL) {
+                return -1;
+            }
+            urandom = PyObject_GetAttrString(os, "urandom");
+            Py_DECREF(os);
+            if (urandom == NULL) {
+                return -1;
+            }
+        }
+        /* os.urandom may release the GIL: another thread may refill too.
+         * Each refill overwrites the whole pool before taking from it, so
+         * no key is handed out twice. */
+        fresh = PyObject_CallFunction(urandom, "n", (Py_ssize_t)KEY_POOL);
+        if (fresh == NULL) {
+            return -1;
+        }
+        if (!PyBytes_Check(fresh) || PyBytes_GET_SIZE(fresh) != KEY_POOL) {
+            Py_DECREF(fresh);
+            PyErr_SetString(PyExc_RuntimeError, "os.urandom gave the wrong size");
+            return -1;
+        }
+        memcpy(key_pool, PyBytes_AS_STRING(fresh), KEY_POOL);
+        Py_DECREF(fresh);
+        key_pool_used = 0;
+    }
+    memcpy(key, key_pool + key_pool_used, 4);
+    /* Used keys are not left in memory. */
+    memset(key_pool + key_pool_used, 0, 4);
+    key_pool_used += 4;
+    return 0;
+}
+
+static PyObject *
+client_frame(PyObject *module, PyObject *message)
+{
+    Py_buffer view;
+    PyObject *text = NULL;  /* a str's UTF-8, when the str is not ASCII */
+    PyObject *copy = NULL;  /* a memoryview that is not contiguous, copied */
+    PyObject *frame = NULL;
+    const unsigned char *payload;
+    unsigned char *out, key[4];
+    Py_ssize_t n, i, head;
+    unsigned char first;
+    uint32_t k32;
+    uint64_t k64, word;
+
+    view.obj = NULL;
+    if (PyUnicode_Check(message)) {
+        first = 0x81;  /* FIN | TEXT */
+        if (PyUnicode_IS_ASCII(message)) {
+            /* An ASCII str is its own UTF-8: no copy. */
+            payload = (const unsigned char *)PyUnicode_DATA(message);
+            n = PyUnicode_GET_LENGTH(message);
+        }
+        else {
+            /* Not PyUnicode_AsUTF8AndSize: it would keep the UTF-8 in the
+             * str for as long as the application keeps the str. */
+            text = PyUnicode_AsUTF8String(message);
+            if (text == NULL) {
+                return NULL;
+            }
+            payload = (const unsigned char *)PyBytes_AS_STRING(text);
+            n = PyBytes_GET_SIZE(text);
+        }
+    }
+    else if (PyBytes_Check(message) || PyByteArray_Check(message)
+             || PyMemoryView_Check(message)) {
+        first = 0x82;  /* FIN | BINARY */
+        if (PyObject_GetBuffer(message, &view, PyBUF_SIMPLE) < 0) {
+            /* A memoryview that is not contiguous: as bytes() copies it. */
+            PyErr_Clear();
+            copy = PyBytes_FromObject(message);
+            if (copy == NULL) {
+                return NULL;
+            }
+            payload = (const unsigned char *)PyBytes_AS_STRING(copy);
+            n = PyBytes_GET_SIZE(copy);
+        }
+        else {
+            payload = (const unsigned char *)view.buf;
+            n = view.len;
+        }
+    }
+    else {
+        return PyErr_Format(PyExc_TypeError, "a message is str or bytes, not %.100s",
+                            Py_TYPE(message)->tp_name);
+    }
+    head = n < 126 ? 2 : n < 65536 ? 4 : 10;
+    if (next_key(key) < 0) {
+        goto done;
+    }
+    frame = PyBytes_FromStringAndSize(NULL, head + 4 + n);
+    if (frame == NULL) {
+        goto done;
+    }
+    out = (unsigned char *)PyBytes_AS_STRING(frame);
+    out[0] = first;
+    if (n < 126) {
+        out[1] = 0x80 | (unsigned char)n;
+    }
+    else if (n < 65536) {
+        out[1] = 0x80 | 126;
+        out[2] = (unsigned char)(n >> 8);
+        out[3] = (unsigned char)n;
+    }
+    else {
+        uint64_t len = (uint64_t)n;
+        out[1] = 0x80 | 127;
+        for (i = 0; i < 8; i++) {
+            out[2 + i] = (unsigned char)(len >> (56 - 8 * i));
+        }
+    }
+    memcpy(out + head, key, 4);
+    out += head + 4;
+    /* The XOR of xor_mask, from the payload into the frame. */
+    memcpy(&k32, key, 4);
+    k64 = ((uint64_t)k32 << 32) | k32;
+    for (i = 0; i + 8 <= n; i += 8) {
+        memcpy(&word, payload + i, 8);
+        word ^= k64;
+        memcpy(out + i, &word, 8);
+    }
+    for (; i < n; i++) {
+        out[i] = payload[i] ^ key[i & 3];
+    }
+done:
+    if (view.obj != NULL) {
+        PyBuffer_Release(&view);
+    }
+    Py_XDECREF(text);
+    Py_XDECREF(copy);
+    return frame;
 }
 
 #ifndef _WIN32
@@ -283,6 +440,9 @@ static PyMethodDef methods[] = {
     {"xor_mask", xor_mask, METH_VARARGS,
      "xor_mask(data, key): XOR a writable buffer in place with a 4-byte key, "
      "starting at the key's first byte."},
+    {"client_frame", client_frame, METH_O,
+     "client_frame(message): a client's whole data frame for a message (str as "
+     "text, bytes-like as binary), masked with a fresh key, as one bytes object."},
 #ifndef _WIN32
     {"send", send_nonblocking, METH_VARARGS,
      "send(fd, data, flags): socket.send() with MSG_DONTWAIT, keeping the GIL."},

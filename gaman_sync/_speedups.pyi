@@ -20,3 +20,7 @@ def accept(fd: int) -> Tuple[int, bytes]:
 
 def close(fd: int) -> None:
     """Close a socket's descriptor, keeping the GIL."""
+
+def client_frame(message: Union[str, bytes, bytearray, memoryview]) -> bytes:
+    """A client's whole data frame (str as text, bytes-likes as binary),
+    masked with a fresh key from a pool of ``os.urandom`` bytes."""

@@ -260,13 +260,21 @@ class ClientConnection(Connection):
     # -- Sending -----------------------------------------------------------------
 
     def send(self, message: Any, timeout: Optional[float] = None) -> None:
+        proto = self._proto
         try:
-            if self._proto.encodes_in_order:
+            if proto.encode_whole is not None:
+                # The C helper encodes and masks the whole frame in one call.
+                self.send_frame(proto.encode_whole(message), timeout)
+            elif proto.encodes_in_order:
                 self.send_in_order(message, timeout)  # compression with context takeover
             else:
                 super().send(message, timeout)
         finally:
-            self._came_back()
+            # _came_back(), written out: every send passes here.
+            self._comebacks += 1
+            if self._handing:
+                with self._arrived:
+                    self._arrived.notify_all()
 
     send.__doc__ = Connection.send.__doc__
 

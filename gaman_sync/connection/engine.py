@@ -229,6 +229,32 @@ class Connection:
             self._write_frame(header, payload)
             self.messages_out += 1
 
+    def send_frame(self, frame: bytes, timeout: Optional[float] = None) -> None:
+        """:meth:`send` for a data frame the caller encoded whole (a client's,
+        masked by the C helper: see :attr:`Protocol.encode_whole`)."""
+        size = len(frame)
+        with self._lock:
+            if self._proto.state is not _OPEN:
+                raise self._closed_error()
+            if self._outgoing_size and self._outgoing_size + size > self.options.write_limit:
+                self._wait_for_room(size, self.options.send_timeout if timeout is None
+                                    else timeout)
+            self.messages_out += 1
+            if self._outgoing is not None:
+                self._write(frame)
+                return
+            # _write's usual case, written out: one frame, one system call.
+            self.bytes_out += size
+            try:
+                sent = self._send_fn(self._send_arg, frame)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self._write_failed()
+                return
+            if sent < size:
+                self._queue(memoryview(frame)[sent:])
+
     def send_in_order(self, message: Data, timeout: Optional[float] = None) -> None:
         """:meth:`send` for a protocol whose frames must be encoded in wire
         order (a compressor with context takeover): room is waited for
@@ -798,28 +824,25 @@ class Connection:
                        ) -> Tuple[Optional[Union[str, bytes]], bool]:
         """:meth:`read_message`'s loop, in the borrower's thread: (message,
         False), or (None, True) once what it met is handed to the thread."""
-        transport = self.transport
-        lock = self._lock
         proto = self._proto
-        deadline = None if timeout is None else time.monotonic() + timeout
-        event: Any
-        has_input = proto.has_buffered_input
+        lock = self._lock
+        deadline = None
+        event: Any = None
+        if proto.has_buffered_input():
+            # What the last read brought in after the message it returned
+            # (usually nothing: a request-response exchange reads it all).
+            with lock:
+                out, event = proto.next_event()
+                if out:
+                    self._write(out)
         while True:
-            # What the last read brought in, one event at a time (usually
-            # nothing on entry: a request-response exchange read it all).
-            while has_input():
-                with lock:
-                    out, event = proto.next_event()
-                    if out:
-                        self._write(out)
-                if event is None:
-                    break
+            while event is not None:
                 kind = type(event)
                 if kind is MessageReceived:
                     self.messages_in += 1
-                    if proto.is_open:
+                    if proto.state is _OPEN:
                         return event.data, False
-                    self._dropped += 1
+                    self._dropped += 1  # our close started: see the module's docstring
                 elif kind is PongReceived:
                     self._unanswered_since = None
                     if self.handler.on_pong is not None:
@@ -827,34 +850,48 @@ class Connection:
                 else:  # the peer's close or a protocol error: the thread's job
                     loan.handed = event
                     return None, True
+                with lock:
+                    out, event = proto.next_event()
+                    if out:
+                        self._write(out)
             if self._aborted or self._outgoing_size > self.options.write_limit:
                 # Dropped, or owing the peer more than write_limit: the
                 # thread waits for the writer before it reads on.
                 return None, True
             size = loan.size
-            try:
+            remaining = 0.0
+            if timeout is not None:
                 if deadline is None:
-                    data = transport.recv(size)
+                    deadline = time.monotonic() + timeout
+                    remaining = timeout
                 else:
                     remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise TimeoutError(f"no message in {timeout} s")
-                    data = transport.recv_for(size, remaining)
+                if remaining <= 0:
+                    raise TimeoutError(f"no message in {timeout} s")
+            try:
+                if timeout is None:
+                    data = self.transport.recv(size)
+                else:
+                    data = self.transport.recv_for(size, remaining)
             except socket.timeout:
                 raise TimeoutError(f"no message in {timeout} s") from None
             except OSError:
                 data = b""
-            if not data:
+            received = len(data)
+            if not received:
                 loan.handed = _END
                 return None, True
-            self.bytes_in += len(data)
-            if len(data) == size:
+            self.bytes_in += received
+            if received == size:
                 if size < _RECV_MAX:
                     loan.size = size << 2
-            elif size > _RECV_MIN and len(data) < size >> 4:
+            elif size > _RECV_MIN and received < size >> 4:
                 loan.size = size >> 2
             with lock:
                 proto.receive_data(data)
+                out, event = proto.next_event()
+                if out:
+                    self._write(out)
 
     def _linger(self, half_close: bool) -> None:
         """Read until the peer closes TCP (or ``close_timeout``): a server

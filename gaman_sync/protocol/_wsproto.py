@@ -3,8 +3,12 @@
 The protocol state machine drives wsproto's ``FrameProtocol`` directly and
 needs four things wsproto does not make public:
 
-- its input buffer, to know when every frame that can be parsed has been
-  (asking again would only cost time);
+- its input buffer (the bytearray itself, which wsproto grows and trims in
+  place), to know when every frame that can be parsed has been (asking
+  again would only cost time), and to add received bytes to it;
+- the generator its ``received_frames()`` wraps, to take one frame per call
+  (``None`` when more bytes are needed) without a wrapping generator per
+  read: wsproto still parses and validates every frame;
 - the header of the frame being received, so that a frame announcing more
   than ``max_message_size`` fails at its header, before its payload is
   buffered;
@@ -21,7 +25,7 @@ the version, rather than silently turning a limit off.
 from __future__ import annotations
 
 import struct
-from typing import Any, Optional, Union, cast
+from typing import Any, Callable, Optional, Union, cast
 
 import wsproto
 from wsproto.frame_protocol import (
@@ -134,6 +138,13 @@ class Decoder(FrameProtocol):
         elif _MASKER_GIVES_BYTES:  # wsproto 1.2 (see _Bytes)
             self._frame_decoder = _BytesFrameDecoder(self.client, self.extensions)
         self._inbox = self._frame_decoder.buffer
+        self.inbox: bytearray = self._inbox.buffer
+        """wsproto's input buffer, grown (``+=``) and trimmed (``del``) in
+        place by wsproto: bytes received and not parsed yet."""
+        self.next_frame: Callable[[], Optional[Frame]] = self._parse_more.__next__
+        """The next frame parsed and validated by wsproto, or ``None`` when
+        more bytes are needed (``StopIteration`` after a close frame or a
+        ``ParseFailed``: wsproto parses no further)."""
 
     @property
     def unmasks_in_c(self) -> bool:
@@ -142,11 +153,11 @@ class Decoder(FrameProtocol):
 
     def feed(self, data: bytes) -> None:
         """Add received bytes to wsproto's input buffer."""
-        self._inbox.feed(data)
+        self.inbox += data
 
     def has_input(self) -> bool:
         """Are there buffered bytes wsproto has not parsed yet?"""
-        return bool(self._inbox.buffer)
+        return bool(self.inbox)
 
     def held_utf8(self) -> int:
         """Bytes the UTF-8 decoder holds back for the next fragment, or -1 if
@@ -207,10 +218,15 @@ def _check() -> None:
         key = b"\x01\x02\x03\x04"
         payload = b"ab\xe2\x82"
         masked = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+        inbox = decoder.inbox
         decoder.feed(b"\x01\x8a" + key + masked)
-        frames = list(decoder.received_frames())
+        assert decoder._frame_decoder.buffer.buffer is inbox, "input buffer"
+        assert len(inbox) == 10, "input buffer"
+        frames = list(iter(decoder.next_frame, None))
         assert decoder.announced_size(0) == 10, "frame header"
         assert not decoder.has_input(), "input buffer"
+        # Trimmed in place: still the buffer wsproto reads.
+        assert decoder._frame_decoder.buffer.buffer is inbox, "input buffer"
         if frames:  # wsproto hands out the part received as a frame of its own
             assert frames[0].payload == "ab", frames
             assert decoder.held_utf8() == 2, "UTF-8 decoder state"
@@ -223,7 +239,13 @@ def _check() -> None:
         # Our close parser replaces wsproto's.
         closer = Decoder(client=True)
         closer.feed(b"\x82\x01x\x89\x01p\x88\x02" + struct.pack("!H", 1014))
-        binary, ping, close = list(closer.received_frames())
+        binary, ping, close = list(iter(closer.next_frame, None))
+        try:
+            closer.next_frame()
+        except StopIteration:
+            pass  # no frame after a close
+        else:
+            raise AssertionError("a frame after a close frame")
         # Payloads are bytes, as wsproto 1.3 gives them (not 1.2).
         assert type(binary.payload) is bytes and type(ping.payload) is bytes, \
             (binary, ping)

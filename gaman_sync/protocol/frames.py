@@ -6,7 +6,9 @@ header depends only on its type and length. That lets a server encode a
 broadcast once for every client, and lets a large payload leave with
 ``sendmsg`` without being copied behind its header. A client must mask each
 frame with a fresh random key (RFC 6455 5.3), so its frames are encoded per
-send; the XOR runs in the C helper where it is built.
+send; the XOR runs in the C helper where it is built, and there
+:data:`client_frame` makes a client's whole frame (header, key and masked
+payload) in one call, its keys taken from a pool of ``os.urandom`` bytes.
 """
 
 from __future__ import annotations
@@ -20,9 +22,13 @@ try:
     from .._speedups import xor_mask
 except ImportError:  # not built: the XOR is done with Python integers
     xor_mask = None  # type: ignore[assignment]
+try:
+    from .._speedups import client_frame
+except ImportError:  # not built (or an older build): encode_frame does it
+    client_frame = None  # type: ignore[assignment]
 
 __all__ = ["CloseCode", "Data", "check_close_code", "is_valid_close_code", "encode_frame",
-           "frame_bytes", "mask_payload"]
+           "frame_bytes", "mask_payload", "client_frame"]
 
 Data = Union[str, bytes, bytearray, memoryview]
 """What may be sent as a message: ``str`` as text, the bytes-likes as binary."""

@@ -36,13 +36,13 @@ connection's lock held.
 from __future__ import annotations
 
 from enum import Enum
-from typing import Any, Callable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 from ..exceptions import ConnectionClosed
 from ._wsproto import Decoder, Opcode, ParseFailed
 from .deflate import Agreement, Inflater, compressor
 from .events import Closed, Event, Failed, MessageReceived, PongReceived
-from .frames import CloseCode, Data, encode_frame
+from .frames import CloseCode, Data, client_frame, encode_frame
 
 __all__ = ["Protocol", "Side", "State"]
 
@@ -82,8 +82,9 @@ def _encode_masked(message: Data) -> Tuple[bytes, bytes]:
 class Protocol:
     """One WebSocket connection after its handshake, without I/O."""
 
-    __slots__ = ("side", "_decoder", "_frames", "state", "_parts", "_size", "_max",
-                 "close_code", "close_reason", "encode", "deflate", "encodes_in_order")
+    __slots__ = ("side", "_decoder", "_inbox", "_next_frame", "state", "_parts", "_size",
+                 "_max", "close_code", "close_reason", "encode", "deflate", "encodes_in_order",
+                 "encode_whole")
 
     def __init__(self, side: Side, max_message_size: Optional[int] = None,
                  trailing_data: bytes = b"", unmask_in_c: bool = True,
@@ -100,6 +101,11 @@ class Protocol:
         self.encode: Callable[[Data], Tuple[bytes, bytes]] = (
             _encode_masked if client else encode_frame)
         """A data frame for a message as this side sends it: (header, payload)."""
+        self.encode_whole: Optional[Callable[[Data], bytes]] = (
+            client_frame if client and deflate is None else None)
+        """Where the C helper is built, a client's data frame for a message as
+        one ``bytes`` (header, key and masked payload, made in one pass), in
+        any order; else None, and :attr:`encode` it is."""
         inflater = None
         if deflate is not None:
             encoder = compressor(deflate, client)
@@ -107,10 +113,13 @@ class Protocol:
             self.encodes_in_order = encoder.in_order
             bits, no_context = deflate.receiving(client)
             inflater = Inflater(bits, no_context, max_message_size)
-        self._decoder = Decoder(client, unmask_in_c, inflater)
-        # wsproto's frame generator, while it yields (of Any: a frame's payload
-        # type follows its opcode, which wsproto's annotations cannot say).
-        self._frames: Optional[Iterator[Any]] = None
+        self._decoder = decoder = Decoder(client, unmask_in_c, inflater)
+        # What every message touches, bound once: wsproto's input buffer (a
+        # bytearray it changes in place) and its frame parser's next().
+        self._inbox = decoder.inbox
+        # (of Any: a frame's payload type follows its opcode, which wsproto's
+        # annotations cannot say)
+        self._next_frame: Callable[[], Any] = decoder.next_frame
         self.state = _OPEN
         """:attr:`State.OPEN`, ``CLOSING`` or ``CLOSED``."""
         self._parts: List[Any] = []  # str or bytes parts of one message
@@ -139,30 +148,30 @@ class Protocol:
 
     def has_buffered_input(self) -> bool:
         """Are there received bytes not parsed yet?"""
-        return self._decoder.has_input()
+        return len(self._inbox) > 0
 
     def receive_data(self, data: bytes) -> None:
         """Bytes from the peer. Ignored once the connection has failed or closed."""
         if self.state is not _CLOSED:
-            self._decoder.feed(data)
+            self._inbox += data  # wsproto's own buffer, in place
 
     def next_event(self) -> Tuple[bytes, Optional[Event]]:
         """Bytes to write, then the next event for the application (or ``None``
         when everything received so far has been handled)."""
         out = b""
         decoder = self._decoder
+        inbox = self._inbox
         while self.state is not _CLOSED:
-            if not decoder.has_input():
-                frame = None
+            if not inbox:
+                frame = None  # nothing to parse: asking wsproto would only cost time
             else:
-                if self._frames is None:
-                    self._frames = decoder.received_frames()
                 try:
-                    frame = next(self._frames, None)
+                    frame = self._next_frame()
                 except ParseFailed as exc:
                     return out + self._fail(exc.code, str(exc)), self._failed()
+                except StopIteration:  # wsproto stops after a close (we do too)
+                    frame = None
             if frame is None:
-                self._frames = None
                 if self._max is not None and decoder.announced_size(self._size) > self._max:
                     return out + self._fail(1009, "message too big"), self._failed()
                 return out, None
@@ -221,7 +230,6 @@ class Protocol:
 
     def _end(self) -> None:
         self.state = _CLOSED
-        self._frames = None
 
     def ping(self, data: bytes = b"") -> bytes:
         """A ping frame; raises :class:`ConnectionClosed` unless open."""
