@@ -888,8 +888,7 @@ class Connection:
             elif size > _RECV_MIN and received < size >> 4:
                 loan.size = size >> 2
             with lock:
-                proto.receive_data(data)
-                out, event = proto.next_event()
+                out, event = proto.next_event(data)
                 if out:
                     self._write(out)
 

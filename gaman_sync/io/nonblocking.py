@@ -19,7 +19,7 @@ import sys
 from typing import Any, Tuple, Union
 
 __all__ = ["DONTWAIT", "FLAGS_SUFFICE", "send", "recv", "close", "accept", "make_blocking",
-           "recv_gated", "send_fd", "use_speedups", "speedups_status", "send_plain",
+           "recv_gated", "recv_for", "send_fd", "use_speedups", "speedups_status", "send_plain",
            "recv_plain", "close_plain", "accept_plain"]
 
 # Non-blocking, and no SIGPIPE (which would kill a program that restored its
@@ -44,6 +44,10 @@ try:
 except ImportError as exc:  # not built, or not POSIX
     _c_send = _c_recv = _c_close = _c_recv_gated = None  # type: ignore[assignment]
     _missing = str(exc)
+try:
+    from .._speedups import recv_for as _c_recv_for
+except ImportError:  # not built, or built before it existed
+    _c_recv_for = None  # type: ignore[assignment]
 try:
     from .._speedups import accept as _c_accept
 except ImportError:  # not built, or not Linux
@@ -132,6 +136,9 @@ where it is not built."""
 recv_gated: Any = None
 """``recv_gated(fd, size)``: a blocking recv that queues for the GIL behind
 the C helper's gate (see ``_speedups.c``), or None where it is not built."""
+recv_for: Any = None
+"""``recv_for(fd, size, timeout)``: poll() then recv() in one release of the
+GIL, ``socket.timeout`` when nothing came, or None where it is not built."""
 _enabled = False
 
 
@@ -139,12 +146,13 @@ def use_speedups(enabled: bool = True) -> bool:
     """Make these calls go through the C helper (the default where it is
     built) or through the socket's own methods. Affects sockets used from then
     on; returns whether the C helper is now in use."""
-    global send, recv, close, accept, recv_gated, send_fd, _enabled
+    global send, recv, close, accept, recv_gated, recv_for, send_fd, _enabled
     on = bool(enabled) and _c_send is not None
     send, recv, close = (_c_send_socket, _c_recv_socket, _c_close_socket) if on \
         else (send_plain, recv_plain, close_plain)
     accept = _c_accept_socket if on and _c_accept is not None else accept_plain
     recv_gated = _c_recv_gated if on else None
+    recv_for = _c_recv_for if on else None
     send_fd = _c_send if on else None
     _enabled = on
     return on

@@ -86,7 +86,7 @@ class Transport:
 class PlainTransport(Transport):
     """A plain TCP (or Unix) socket in blocking mode."""
 
-    __slots__ = ("sock", "recv", "_send", "_close", "_native", "_poller")
+    __slots__ = ("sock", "recv", "recv_for", "_send", "_close", "_native", "_poller")
 
     def __init__(self, sock: socket.socket) -> None:
         if sock.gettimeout() is not None:
@@ -104,6 +104,11 @@ class PlainTransport(Transport):
         self._send = nonblocking.send if self._native else nonblocking.send_plain
         self._close = nonblocking.close if self._native else nonblocking.close_plain
         self._poller: Optional[select.poll] = None  # made by the first recv_for
+        # Likewise: the C helper's poll() and recv() in one call where it is built.
+        waited = nonblocking.recv_for if self._native else None
+        self.recv_for: Callable[[int, float], bytes] = (  # type: ignore[assignment]
+            functools.partial(waited, sock.fileno()) if waited is not None
+            else self._recv_for_poll)
 
     @property
     def uses_speedups(self) -> bool:
@@ -126,7 +131,8 @@ class PlainTransport(Transport):
             return send_fd, self.sock.fileno()
         return _call, self.send_nowait
 
-    def recv_for(self, size: int, timeout: float) -> bytes:
+    def _recv_for_poll(self, size: int, timeout: float) -> bytes:
+        # recv_for without the C helper.
         # Wait with poll(), then read in blocking mode, where the bytes are:
         # two system calls, where a socket timeout costs four (it switches
         # the descriptor to non-blocking and back around its own poll). A

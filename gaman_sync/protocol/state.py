@@ -155,12 +155,16 @@ class Protocol:
         if self.state is not _CLOSED:
             self._inbox += data  # wsproto's own buffer, in place
 
-    def next_event(self) -> Tuple[bytes, Optional[Event]]:
+    def next_event(self, data: bytes = b"") -> Tuple[bytes, Optional[Event]]:
         """Bytes to write, then the next event for the application (or ``None``
-        when everything received so far has been handled)."""
+        when everything received so far has been handled). ``data``, bytes
+        just received, are added first, as :meth:`receive_data` does (a call
+        less for a reader that handles what it reads at once)."""
         out = b""
         decoder = self._decoder
         inbox = self._inbox
+        if data and self.state is not _CLOSED:
+            inbox += data  # wsproto's own buffer, in place
         while self.state is not _CLOSED:
             if not inbox:
                 frame = None  # nothing to parse: asking wsproto would only cost time
