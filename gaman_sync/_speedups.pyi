@@ -24,3 +24,7 @@ def close(fd: int) -> None:
 def client_frame(message: Union[str, bytes, bytearray, memoryview]) -> bytes:
     """A client's whole data frame (str as text, bytes-likes as binary),
     masked with a fresh key from a pool of ``os.urandom`` bytes."""
+
+def recv_for(fd: int, size: int, timeout: float) -> bytes:
+    """poll() up to ``timeout`` seconds, then recv(), in one release of the
+    GIL; ``socket.timeout`` if nothing came."""

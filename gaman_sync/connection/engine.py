@@ -828,7 +828,7 @@ class Connection:
         lock = self._lock
         deadline = None
         event: Any = None
-        if proto.has_buffered_input():
+        if proto.unparsed:
             # What the last read brought in after the message it returned
             # (usually nothing: a request-response exchange reads it all).
             with lock:

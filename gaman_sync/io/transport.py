@@ -106,9 +106,9 @@ class PlainTransport(Transport):
         self._poller: Optional[select.poll] = None  # made by the first recv_for
         # Likewise: the C helper's poll() and recv() in one call where it is built.
         waited = nonblocking.recv_for if self._native else None
-        self.recv_for: Callable[[int, float], bytes] = (  # type: ignore[assignment]
+        self.recv_for: Callable[[int, float], bytes] = (
             functools.partial(waited, sock.fileno()) if waited is not None
-            else self._recv_for_poll)
+            else self._recv_for_poll)  # type: ignore[assignment]
 
     @property
     def uses_speedups(self) -> bool:

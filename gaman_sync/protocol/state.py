@@ -82,9 +82,9 @@ def _encode_masked(message: Data) -> Tuple[bytes, bytes]:
 class Protocol:
     """One WebSocket connection after its handshake, without I/O."""
 
-    __slots__ = ("side", "_decoder", "_inbox", "_next_frame", "state", "_parts", "_size",
-                 "_max", "close_code", "close_reason", "encode", "deflate", "encodes_in_order",
-                 "encode_whole")
+    __slots__ = ("side", "_decoder", "_inbox", "unparsed", "_next_frame", "state", "_parts",
+                 "_size", "_max", "close_code", "close_reason", "encode", "deflate",
+                 "encodes_in_order", "encode_whole")
 
     def __init__(self, side: Side, max_message_size: Optional[int] = None,
                  trailing_data: bytes = b"", unmask_in_c: bool = True,
@@ -117,6 +117,9 @@ class Protocol:
         # What every message touches, bound once: wsproto's input buffer (a
         # bytearray it changes in place) and its frame parser's next().
         self._inbox = decoder.inbox
+        self.unparsed: bytearray = decoder.inbox
+        """Bytes received and not parsed yet (true when any): a reader's check
+        without a call. Read it, never change it."""
         # (of Any: a frame's payload type follows its opcode, which wsproto's
         # annotations cannot say)
         self._next_frame: Callable[[], Any] = decoder.next_frame
@@ -155,16 +158,16 @@ class Protocol:
         if self.state is not _CLOSED:
             self._inbox += data  # wsproto's own buffer, in place
 
-    def next_event(self, data: bytes = b"") -> Tuple[bytes, Optional[Event]]:
+    def next_event(self, received: bytes = b"") -> Tuple[bytes, Optional[Event]]:
         """Bytes to write, then the next event for the application (or ``None``
-        when everything received so far has been handled). ``data``, bytes
-        just received, are added first, as :meth:`receive_data` does (a call
+        when everything received so far has been handled). ``received``,
+        bytes just read, are added first, as :meth:`receive_data` does (a call
         less for a reader that handles what it reads at once)."""
         out = b""
         decoder = self._decoder
         inbox = self._inbox
-        if data and self.state is not _CLOSED:
-            inbox += data  # wsproto's own buffer, in place
+        if received and self.state is not _CLOSED:
+            inbox += received  # wsproto's own buffer, in place
         while self.state is not _CLOSED:
             if not inbox:
                 frame = None  # nothing to parse: asking wsproto would only cost time
