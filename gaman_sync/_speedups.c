@@ -40,6 +40,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
+#include <limits.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -401,7 +402,7 @@ monotonic_now(void)
 static PyObject *
 recv_for(PyObject *module, PyObject *args)
 {
-    int fd, ready, err;
+    int fd, ready, err, ms;
     Py_ssize_t size;
     double timeout, deadline, remaining;
     struct pollfd pfd;
@@ -436,9 +437,19 @@ recv_for(PyObject *module, PyObject *args)
         pfd.events = POLLIN;
         pfd.revents = 0;
         got = -1;
+        /* Rounded up, as Python's poll does: never a wait shorter than asked;
+         * a wait longer than poll() takes is made of several. */
+        if (!(remaining > 0)) {
+            ms = 0;
+        }
+        else if (remaining * 1000.0 >= (double)INT_MAX) {
+            ms = INT_MAX;
+        }
+        else {
+            ms = (int)(remaining * 1000.0 + 0.999);
+        }
         Py_BEGIN_ALLOW_THREADS
-        /* Rounded up, as Python's poll does: never a wait shorter than asked. */
-        ready = poll(&pfd, 1, remaining <= 0 ? 0 : (int)(remaining * 1000.0 + 0.999));
+        ready = poll(&pfd, 1, ms);
         err = errno;
         if (ready > 0) {
             got = recv(fd, PyBytes_AS_STRING(buffer), (size_t)size, MSG_DONTWAIT);
@@ -447,6 +458,10 @@ recv_for(PyObject *module, PyObject *args)
         gate_enter();
         Py_END_ALLOW_THREADS
         gate_leave();
+        if (ready == 0 && ms == INT_MAX) {
+            remaining = deadline - monotonic_now();
+            continue;
+        }
         if (ready == 0) {
             Py_DECREF(buffer);
             PyErr_SetString(socket_timeout, "timed out");
