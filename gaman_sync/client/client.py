@@ -44,6 +44,11 @@ in the next frame, as a server's ``on_message`` would send it (Autobahn
 3.2, 4.1.3, 5.15 and the like check exactly this). Messages that arrive
 while the application is busy elsewhere are queued without waiting.
 
+``send()`` runs in the caller's thread, as a server's does: with the C
+helper built (and no compression), each frame is encoded and masked in one
+call (:attr:`~gaman_sync.protocol.Protocol.encode_whole`) and goes to the
+kernel with one non-blocking send under the connection's lock.
+
 ``wss://`` runs TLS in memory over the same plain socket
 (:class:`~gaman_sync.io.tls.TLSTransport`): the TLS handshake happens in
 ``connect``, within ``open_timeout``, with ``ssl_context`` (default
