@@ -76,6 +76,7 @@ _ABNORMAL = int(CloseCode.ABNORMAL_CLOSURE)
 # through its is_open property: a property call is a Python frame, which
 # costs about what two counter increments cost.
 _OPEN = State.OPEN
+_monotonic = time.monotonic
 
 
 class ReadyState(IntEnum):
@@ -383,27 +384,97 @@ class Connection:
         # The condition's own acquire and release (its lock's, C calls): the
         # with statement would add two Python calls to every message.
         cond.acquire()
-        try:
-            if not loan.lent or loan.borrowed:
-                return None
-            loan.borrowed = True
-        finally:
+        if not loan.lent or loan.borrowed:
             cond.release()
+            return None
+        loan.borrowed = True
+        cond.release()
+        # The loop below runs in the caller's thread, written out in this one
+        # method (a frame less per message): what the last read brought in,
+        # one event at a time, then a read, until a message or something the
+        # connection's thread must handle (then handed, and None returned).
         handed = False
         try:
-            message, handed = self._read_borrowed(loan, timeout)
-            return message
+            proto = self._proto
+            lock = self._lock
+            deadline = 0.0
+            event: Any = None
+            if proto.unparsed:
+                # What the last read brought in after the message it returned
+                # (usually nothing: a request-response exchange reads it all).
+                with lock:
+                    out, event = proto.next_event()
+                    if out:
+                        self._write(out)
+            while True:
+                while event is not None:
+                    kind = type(event)
+                    if kind is MessageReceived:
+                        self.messages_in += 1
+                        if proto.state is _OPEN:
+                            return event.data  # type: ignore[no-any-return]
+                        self._dropped += 1  # our close started: see the module's docstring
+                    elif kind is PongReceived:
+                        self._unanswered_since = None
+                        if self.handler.on_pong is not None:
+                            self._call("on_pong", self.handler.on_pong, event.data)
+                    else:  # the peer's close or a protocol error: the thread's job
+                        loan.handed = event
+                        handed = True
+                        return None
+                    with lock:
+                        out, event = proto.next_event()
+                        if out:
+                            self._write(out)
+                if self._aborted or self._outgoing_size > self.options.write_limit:
+                    # Dropped, or owing the peer more than write_limit: the
+                    # thread waits for the writer before it reads on.
+                    handed = True
+                    return None
+                size = loan.size
+                try:
+                    if timeout is None:
+                        data = self.transport.recv(size)
+                    elif not deadline:  # the first read: the clock starts
+                        if timeout <= 0:
+                            raise TimeoutError(f"no message in {timeout} s")
+                        deadline = _monotonic() + timeout
+                        data = self.transport.recv_for(size, timeout)
+                    else:
+                        remaining = deadline - _monotonic()
+                        if remaining <= 0:
+                            raise TimeoutError(f"no message in {timeout} s")
+                        data = self.transport.recv_for(size, remaining)
+                except socket.timeout:
+                    raise TimeoutError(f"no message in {timeout} s") from None
+                except TimeoutError:
+                    raise  # ours, above (an OSError too on Python 3.9)
+                except OSError:
+                    data = b""
+                received = len(data)
+                if not received:
+                    loan.handed = _END
+                    handed = True
+                    return None
+                self.bytes_in += received
+                if received == size:
+                    if size < _RECV_MAX:
+                        loan.size = size << 2
+                elif size > _RECV_MIN and received < size >> 4:
+                    loan.size = size >> 2
+                with lock:
+                    out, event = proto.next_event(data)
+                    if out:
+                        self._write(out)
         finally:
             cond.acquire()
-            try:
-                loan.borrowed = False
-                loan.visits += 1
-                if handed or loan.reclaim:
-                    loan.reclaim = False
-                    loan.lent = False
-                    cond.notify_all()
-            finally:
-                cond.release()
+            loan.borrowed = False
+            loan.visits += 1
+            if handed or loan.reclaim:
+                loan.reclaim = False
+                loan.lent = False
+                cond.notify_all()
+            cond.release()
 
     def reclaim_reader(self) -> None:
         """Give the reading back to the connection's thread now if no caller
@@ -819,78 +890,6 @@ class Connection:
                 return
             loan.lent = False
             loan.cond.notify_all()
-
-    def _read_borrowed(self, loan: _Loan, timeout: Optional[float]
-                       ) -> Tuple[Optional[Union[str, bytes]], bool]:
-        """:meth:`read_message`'s loop, in the borrower's thread: (message,
-        False), or (None, True) once what it met is handed to the thread."""
-        proto = self._proto
-        lock = self._lock
-        deadline = None
-        event: Any = None
-        if proto.unparsed:
-            # What the last read brought in after the message it returned
-            # (usually nothing: a request-response exchange reads it all).
-            with lock:
-                out, event = proto.next_event()
-                if out:
-                    self._write(out)
-        while True:
-            while event is not None:
-                kind = type(event)
-                if kind is MessageReceived:
-                    self.messages_in += 1
-                    if proto.state is _OPEN:
-                        return event.data, False
-                    self._dropped += 1  # our close started: see the module's docstring
-                elif kind is PongReceived:
-                    self._unanswered_since = None
-                    if self.handler.on_pong is not None:
-                        self._call("on_pong", self.handler.on_pong, event.data)
-                else:  # the peer's close or a protocol error: the thread's job
-                    loan.handed = event
-                    return None, True
-                with lock:
-                    out, event = proto.next_event()
-                    if out:
-                        self._write(out)
-            if self._aborted or self._outgoing_size > self.options.write_limit:
-                # Dropped, or owing the peer more than write_limit: the
-                # thread waits for the writer before it reads on.
-                return None, True
-            size = loan.size
-            remaining = 0.0
-            if timeout is not None:
-                if deadline is None:
-                    deadline = time.monotonic() + timeout
-                    remaining = timeout
-                else:
-                    remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(f"no message in {timeout} s")
-            try:
-                if timeout is None:
-                    data = self.transport.recv(size)
-                else:
-                    data = self.transport.recv_for(size, remaining)
-            except socket.timeout:
-                raise TimeoutError(f"no message in {timeout} s") from None
-            except OSError:
-                data = b""
-            received = len(data)
-            if not received:
-                loan.handed = _END
-                return None, True
-            self.bytes_in += received
-            if received == size:
-                if size < _RECV_MAX:
-                    loan.size = size << 2
-            elif size > _RECV_MIN and received < size >> 4:
-                loan.size = size >> 2
-            with lock:
-                out, event = proto.next_event(data)
-                if out:
-                    self._write(out)
 
     def _linger(self, half_close: bool) -> None:
         """Read until the peer closes TCP (or ``close_timeout``): a server
