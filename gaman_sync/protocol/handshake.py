@@ -64,6 +64,8 @@ _DIGITS_RE = re.compile(r"[0-9]+", re.ASCII)
 # 16 bytes in base64, as base64.b64decode(key, validate=True) accepts them.
 _KEY_RE = re.compile(r"[A-Za-z0-9+/]{22}==", re.ASCII)
 
+_COMMON = {text: text for text in ("GET", "HEAD", "1.1", "1.0")}
+
 Fields = Dict[str, List[str]]
 """A request's header values by lower-cased name, in the order sent."""
 
@@ -130,6 +132,10 @@ class RequestParser:
             what = "header line" if _REQUEST_LINE_RE.match(head) else "request line"
             raise HandshakeError(400, f"bad HTTP request: illegal {what}")
         method, target, version, block = match.groups()
+        # The usual method and version as shared strings: two fewer objects
+        # for every connection to keep (its request lives as long as it does).
+        method = _COMMON.get(method, method)
+        version = _COMMON.get(version, version)
         items = _FIELD_RE.findall(block)
         fields = self.fields
         for name, value in items:
