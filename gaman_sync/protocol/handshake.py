@@ -22,7 +22,16 @@ import h11
 from ..exceptions import InvalidHeader, InvalidMessage, InvalidStatus
 from ..options import Deflate
 from .deflate import Agreement, NegotiationError, client_agreement, client_offer
-from .http import Headers, Request, Response, header_tokens
+from .http import (
+    HEADER_LINE,
+    HEADER_VALUE,
+    REQUEST_LINE,
+    TOKEN,
+    Headers,
+    Request,
+    Response,
+    header_tokens,
+)
 
 __all__ = ["HandshakeError", "RequestParser", "Fields", "check_upgrade", "accept_response",
            "add_header", "error_response", "accept_token", "check_header", "ClientHandshake"]
@@ -41,24 +50,11 @@ class HandshakeError(Exception):
         self.headers = tuple(headers)
 
 
-# The request head, as RFC 9112 (sections 2 to 5) and RFC 9110 (5.5, 5.6)
-# write it, and as h11 reads it: a token for the method, a target without
-# whitespace or NUL, HTTP/d.d; header names are tokens, values are visible
-# characters (any byte but NUL and ASCII whitespace, obs-text included) with
-# spaces or tabs between them. Lines end in CRLF or in a bare LF (RFC 9112
-# 2.2 lets a server accept the latter). A line that starts with a space or a
-# tab (obs-fold) is refused, as RFC 9112 5.2 allows. With re.ASCII, \s is
-# ASCII whitespace only, as in h11's byte patterns; the head is decoded from
-# latin-1, one character per byte.
-_TOKEN = r"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
-_VISIBLE = r"[^\x00\s]"
-_VALUE = rf"(?:{_VISIBLE}+(?:[ \t]+{_VISIBLE}+)*)?"
-_FIELD = rf"({_TOKEN}):[ \t]*({_VALUE})[ \t]*\r?\n"
-_REQUEST_LINE = rf"({_TOKEN}) ({_VISIBLE}+) HTTP/([0-9]\.[0-9])\r?\n"
+# The grammar is in .http, with the headers that keep their lines.
 _HEAD_RE = re.compile(
-    rf"{_REQUEST_LINE}((?:{_TOKEN}:[ \t]*{_VALUE}[ \t]*\r?\n)*)\r?\n", re.ASCII)
-_REQUEST_LINE_RE = re.compile(_REQUEST_LINE, re.ASCII)
-_FIELD_RE = re.compile(_FIELD, re.ASCII)
+    rf"{REQUEST_LINE}((?:{TOKEN}:[ \t]*{HEADER_VALUE}[ \t]*\r?\n)*)\r?\n", re.ASCII)
+_REQUEST_LINE_RE = re.compile(REQUEST_LINE, re.ASCII)
+_FIELD_RE = re.compile(HEADER_LINE, re.ASCII)
 _HEAD_END_RE = re.compile(rb"\n\r?\n")
 _DIGITS_RE = re.compile(r"[0-9]+", re.ASCII)
 # 16 bytes in base64, as base64.b64decode(key, validate=True) accepts them.
@@ -159,7 +155,7 @@ class RequestParser:
             codings = fields["transfer-encoding"]
             if len(codings) != 1 or codings[0].lower() != "chunked":
                 raise HandshakeError(501, "unsupported Transfer-Encoding")
-        return Request(method, target, Headers(items), None, version)
+        return Request(method, target, Headers.from_lines(block), None, version)
 
 
 def check_upgrade(request: Request, fields: Optional[Fields] = None) -> bytes:

@@ -2,14 +2,36 @@
 
 from __future__ import annotations
 
+import re
 from types import MappingProxyType
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 from urllib.parse import parse_qsl, unquote
 
-__all__ = ["Headers", "Request", "Response", "header_tokens", "format_address"]
+__all__ = ["Headers", "Request", "Response", "header_tokens", "format_address",
+           "HEADER_LINE", "REQUEST_LINE", "HEADER_VALUE", "TOKEN"]
 
 # Most paths have no parameters: one shared empty mapping, not a dict each.
 _NO_PARAMS: Mapping[str, str] = MappingProxyType({})
+
+# The request head, as RFC 9112 (sections 2 to 5) and RFC 9110 (5.5, 5.6)
+# write it, and as h11 reads it: a token for the method, a target without
+# whitespace or NUL, HTTP/d.d; header names are tokens, values are visible
+# characters (any byte but NUL and ASCII whitespace, obs-text included) with
+# spaces or tabs between them. Lines end in CRLF or in a bare LF (RFC 9112
+# 2.2 lets a server accept the latter). A line that starts with a space or a
+# tab (obs-fold) matches nothing, and is refused, as RFC 9112 5.2 allows.
+# Compiled with re.ASCII, \s is ASCII whitespace only, as in h11's byte
+# patterns; the head is decoded from latin-1, one character per byte.
+TOKEN = r"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
+"""A token (RFC 9110 5.6.2): a method, a header's name."""
+_VISIBLE = r"[^\x00\s]"
+HEADER_VALUE = rf"(?:{_VISIBLE}+(?:[ \t]+{_VISIBLE}+)*)?"
+"""A header's value without the whitespace around it (RFC 9110 5.5)."""
+HEADER_LINE = rf"({TOKEN}):[ \t]*({HEADER_VALUE})[ \t]*\r?\n"
+"""A header line: its name and value in groups 1 and 2."""
+REQUEST_LINE = rf"({TOKEN}) ({_VISIBLE}+) HTTP/([0-9]\.[0-9])\r?\n"
+"""A request line: method, target and version in groups 1 to 3."""
+_HEADER_LINE_RE = re.compile(HEADER_LINE, re.ASCII)
 
 
 class Headers(Mapping[str, str]):
@@ -22,16 +44,31 @@ class Headers(Mapping[str, str]):
     __slots__ = ("_items",)
 
     def __init__(self, items: Sequence[Tuple[str, str]]) -> None:
-        self._items = tuple(items)
+        self._items: Union[Tuple[Tuple[str, str], ...], str] = tuple(items)
+
+    @classmethod
+    def from_lines(cls, lines: str) -> Headers:
+        """Headers kept as the header lines of a request head, already
+        checked (each matches :data:`HEADER_LINE`), and split into pairs
+        each time they are read: a server's request lives as long as its
+        connection, and one string costs a fraction of a pair of strings and
+        a tuple per header, while most connections never read their headers
+        after the handshake."""
+        headers = cls(())
+        headers._items = lines
+        return headers
 
     def get_all(self, name: str) -> List[str]:
         """Every value of header ``name``, in the order they were sent."""
         name = name.lower()
-        return [v for k, v in self._items if k.lower() == name]
+        return [v for k, v in self.raw_items() if k.lower() == name]
 
     def raw_items(self) -> Tuple[Tuple[str, str], ...]:
         """The headers as sent: (name, value) pairs, repeats kept."""
-        return self._items
+        items = self._items
+        if isinstance(items, str):
+            return tuple(_HEADER_LINE_RE.findall(items))
+        return items
 
     def __getitem__(self, name: str) -> str:
         values = self.get_all(name)
@@ -41,16 +78,16 @@ class Headers(Mapping[str, str]):
 
     def __iter__(self) -> Iterator[str]:
         seen = set()
-        for k, _ in self._items:
+        for k, _ in self.raw_items():
             if k.lower() not in seen:
                 seen.add(k.lower())
                 yield k
 
     def __len__(self) -> int:
-        return len({k.lower() for k, _ in self._items})
+        return len({k.lower() for k, _ in self.raw_items()})
 
     def __repr__(self) -> str:
-        return f"Headers({list(self._items)!r})"
+        return f"Headers({list(self.raw_items())!r})"
 
 
 class Request:

@@ -45,12 +45,10 @@ class ServerConnection(Connection):
 
     __slots__ = ("id", "server", "request", "subprotocol", "handshake_status", "deflate_window")
 
-    # Set only for a block that decides, or with permessage-deflate: read
-    # from the class otherwise (no slot on every idle connection).
-    _key = b""  # the client's key, to make the 101 once decided
-    _extensions: Optional[str] = None  # the extensions' header value in the 101
-    deflate_agreement: Optional[Agreement] = None
-    """The permessage-deflate parameters negotiated, or None."""
+    # Set only for a block that decides (its 101 is made later): read from
+    # the class otherwise, with no slot on every idle connection.
+    _key = b""  # the client's key
+    _extensions: Optional[str] = None  # the extensions' header value for the 101
 
     def __init__(self, transport: Transport, protocol: Protocol, runtime: Runtime,
                  options: Options, conn_id: int, request: Request, server: BlockServer,
@@ -62,11 +60,9 @@ class ServerConnection(Connection):
         # A block that decides makes its 101 later: the writes wait all the same.
         super().__init__(transport, protocol, runtime, options, request.remote_address,
                          preamble=response if response is not None else b"")
-        if extensions is not None:
+        if response is None and extensions is not None:
             self._extensions = extensions
         deflate = protocol.deflate
-        if deflate is not None:
-            self.deflate_agreement = deflate
         self.deflate_window = deflate.broadcast_window() if deflate is not None else None
         """The window our compressor uses with this client (0: it sends
         plain), or None without permessage-deflate: a broadcast encodes one
@@ -85,6 +81,11 @@ class ServerConnection(Connection):
         """How the opening handshake was answered: 101 once accepted, else the
         status of the refusal or redirect that ``on_request`` (or the block)
         made; None while it decides, and for a plain HTTP request."""
+
+    @property
+    def deflate_agreement(self) -> Optional[Agreement]:
+        """The permessage-deflate parameters negotiated, or None."""
+        return self._proto.deflate
 
     # -- Rooms (see gaman_sync.server.blocks) -----------------------------
 
