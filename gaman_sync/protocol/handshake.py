@@ -56,6 +56,7 @@ _HEAD_RE = re.compile(
 _REQUEST_LINE_RE = re.compile(REQUEST_LINE, re.ASCII)
 _FIELD_RE = re.compile(HEADER_LINE, re.ASCII)
 _HEAD_END_RE = re.compile(rb"\n\r?\n")
+_METHOD_START_RE = re.compile(TOKEN[:-1].encode("ascii"))  # one character of a token
 _DIGITS_RE = re.compile(r"[0-9]+", re.ASCII)
 # 16 bytes in base64, as base64.b64decode(key, validate=True) accepts them.
 _KEY_RE = re.compile(r"[A-Za-z0-9+/]{22}==", re.ASCII)
@@ -114,6 +115,10 @@ class RequestParser:
         if end is None:
             if len(buffer) > self._max:
                 raise HandshakeError(431, "request headers too large")
+            if not _METHOD_START_RE.match(buffer):
+                # Not HTTP (a TLS hello sent to a plain port, say): refused
+                # now rather than once the handshake timeout has passed.
+                raise HandshakeError(400, "bad HTTP request: illegal request line")
             if buffer is data:
                 self._buffer = bytearray(data)
             self._searched = max(len(buffer) - 2, 0)  # the blank line may end in the next read

@@ -14,8 +14,8 @@ __all__ = ["Headers", "Request", "Response", "header_tokens", "format_address",
 _NO_PARAMS: Mapping[str, str] = MappingProxyType({})
 
 # The request head, as RFC 9112 (sections 2 to 5) and RFC 9110 (5.5, 5.6)
-# write it, and as h11 reads it: a token for the method, a target without
-# whitespace or NUL, HTTP/d.d; header names are tokens, values are visible
+# write it, and as h11 reads it: a token for the method, a target of visible
+# ASCII characters, HTTP/d.d; header names are tokens, values are visible
 # characters (any byte but NUL and ASCII whitespace, obs-text included) with
 # spaces or tabs between them. Lines end in CRLF or in a bare LF (RFC 9112
 # 2.2 lets a server accept the latter). A line that starts with a space or a
@@ -29,7 +29,7 @@ HEADER_VALUE = rf"(?:{_VISIBLE}+(?:[ \t]+{_VISIBLE}+)*)?"
 """A header's value without the whitespace around it (RFC 9110 5.5)."""
 HEADER_LINE = rf"({TOKEN}):[ \t]*({HEADER_VALUE})[ \t]*\r?\n"
 """A header line: its name and value in groups 1 and 2."""
-REQUEST_LINE = rf"({TOKEN}) ({_VISIBLE}+) HTTP/([0-9]\.[0-9])\r?\n"
+REQUEST_LINE = rf"({TOKEN}) ([\x21-\x7e]+) HTTP/([0-9]\.[0-9])\r?\n"
 """A request line: method, target and version in groups 1 to 3."""
 _HEADER_LINE_RE = re.compile(HEADER_LINE, re.ASCII)
 
