@@ -52,7 +52,7 @@ class HandshakeError(Exception):
 
 # The grammar is in .http, with the headers that keep their lines.
 _HEAD_RE = re.compile(
-    rf"{REQUEST_LINE}((?:{TOKEN}:[ \t]*{HEADER_VALUE}[ \t]*\r?\n)*)\r?\n", re.ASCII)
+    rf"{REQUEST_LINE}((?:{TOKEN}:[ \t]*(?:{HEADER_VALUE}[ \t]*)?\r?\n)*)\r?\n", re.ASCII)
 _REQUEST_LINE_RE = re.compile(REQUEST_LINE, re.ASCII)
 _FIELD_RE = re.compile(HEADER_LINE, re.ASCII)
 _HEAD_END_RE = re.compile(rb"\n\r?\n")
