@@ -63,9 +63,10 @@ __all__ = ["Connection", "ReadyState", "interrupted_connection_code"]
 logger = logging.getLogger("gaman_sync")
 
 # Reads start small and grow while they come back full: an idle connection
-# blocks in recv() holding a small buffer (CPython allocates it up front),
-# a large message is read in large chunks.
-_RECV_MIN = 2048
+# blocks in recv() holding a small buffer (socket.recv allocates it up
+# front; the C helper reads this much into its stack and holds none), a
+# large message is read in large chunks.
+_RECV_MIN = 2048  # the C helper's STACK_RECV
 _RECV_MAX = 512 * 1024
 # Below this, header and payload are joined and sent with one send(); above
 # it, sendmsg() sends both without copying the payload.
