@@ -42,25 +42,40 @@ class HandshakeError(Exception):
 
 
 # The request head, as RFC 9112 (sections 2 to 5) and RFC 9110 (5.5, 5.6)
-# write it, and as h11 reads it: a token for the method, a target without
-# whitespace or NUL, HTTP/d.d; header names are tokens, values are visible
-# characters (any byte but NUL and ASCII whitespace, obs-text included) with
-# spaces or tabs between them. Lines end in CRLF or in a bare LF (RFC 9112
-# 2.2 lets a server accept the latter). A line that starts with a space or a
-# tab (obs-fold) is refused, as RFC 9112 5.2 allows. With re.ASCII, \s is
-# ASCII whitespace only, as in h11's byte patterns; the head is decoded from
-# latin-1, one character per byte.
+# write it, and as h11 reads it: a token for the method, a target of visible
+# ASCII characters (a URI's: no obs-text, no control byte), HTTP/d.d; header
+# names are tokens, values are visible characters (any byte but NUL and ASCII
+# whitespace: obs-text and, as h11 allows, other control bytes) with spaces
+# or tabs between them. Lines end in CRLF or in a bare LF (RFC 9112 2.2 lets
+# a server accept the latter). A line that starts with a space or a tab
+# (obs-fold) is refused, as RFC 9112 5.2 allows. With re.ASCII, \s is ASCII
+# whitespace only, as in h11's byte patterns; the head is decoded from
+# latin-1, one character per byte, so that str.strip() would also strip
+# bytes that are not HTTP whitespace (0x1c-0x1f, 0x85, 0xa0): the checks
+# strip spaces and tabs only.
+#
+# Written so that no two repeats can take the same run of characters: the
+# spaces after a value are inside the value's optional group, so that the
+# spaces before it and after it never meet around an empty value. RFC 9110's
+# own form, OWS [value] OWS, lets a backtracking engine split a run of n
+# spaces between the two OWS in n ways for each start, n**2 steps in all:
+# "X:" and 16 KiB of spaces and tabs then a bad byte took 2.2 s (h11, with
+# that form, 0.7 s). As written here, each character is tried a bounded
+# number of times whatever the input (benchmarks/request_parser.py).
 _TOKEN = r"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
 _VISIBLE = r"[^\x00\s]"
-_VALUE = rf"(?:{_VISIBLE}+(?:[ \t]+{_VISIBLE}+)*)?"
-_FIELD = rf"({_TOKEN}):[ \t]*({_VALUE})[ \t]*\r?\n"
-_REQUEST_LINE = rf"({_TOKEN}) ({_VISIBLE}+) HTTP/([0-9]\.[0-9])\r?\n"
+_CONTENT = rf"{_VISIBLE}+(?:[ \t]+{_VISIBLE}+)*"
+_FIELD = rf"({_TOKEN}):[ \t]*(?:({_CONTENT})[ \t]*)?\r?\n"  # name: OWS [value OWS]
+_TARGET = r"[\x21-\x7e]+"
+_REQUEST_LINE = rf"({_TOKEN}) ({_TARGET}) HTTP/([0-9]\.[0-9])\r?\n"
 _HEAD_RE = re.compile(
-    rf"{_REQUEST_LINE}((?:{_TOKEN}:[ \t]*{_VALUE}[ \t]*\r?\n)*)\r?\n", re.ASCII)
+    rf"{_REQUEST_LINE}((?:{_TOKEN}:[ \t]*(?:{_CONTENT}[ \t]*)?\r?\n)*)\r?\n", re.ASCII)
 _REQUEST_LINE_RE = re.compile(_REQUEST_LINE, re.ASCII)
 _FIELD_RE = re.compile(_FIELD, re.ASCII)
 _HEAD_END_RE = re.compile(rb"\n\r?\n")
-_DIGITS_RE = re.compile(r"[0-9]+", re.ASCII)
+_OBS_FOLD_RE = re.compile(r"\n[ \t]")
+# At most 20 digits, as h11 (2**64 has 20): a length is read as a number.
+_CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,20}", re.ASCII)
 # 16 bytes in base64, as base64.b64decode(key, validate=True) accepts them.
 _KEY_RE = re.compile(r"[A-Za-z0-9+/]{22}==", re.ASCII)
 
@@ -114,6 +129,11 @@ class RequestParser:
             buffer = data  # the usual case: the whole request in one read, not copied
         end = _HEAD_END_RE.search(buffer, self._searched)
         if end is None:
+            if buffer[0] < 0x21:
+                # No request starts with whitespace or a control byte: refused
+                # at once, as h11 does (a TLS hello sent to a plain port, say),
+                # rather than at the size limit or the handshake's timeout.
+                raise HandshakeError(400, "bad HTTP request: illegal request line")
             if len(buffer) > self._max:
                 raise HandshakeError(431, "request headers too large")
             if buffer is data:
@@ -122,13 +142,21 @@ class RequestParser:
             return None
         size = end.end()
         if size > self._max:
+            # The same answer however the request was cut into reads: one
+            # that starts badly is refused before it grows (above).
+            if buffer[0] < 0x21:
+                raise HandshakeError(400, "bad HTTP request: illegal request line")
             raise HandshakeError(431, "request headers too large")
         self.trailing_data = bytes(buffer[size:])
         head = buffer[:size].decode("latin-1")
         match = _HEAD_RE.fullmatch(head)
         if match is None:
-            what = "header line" if _REQUEST_LINE_RE.match(head) else "request line"
-            raise HandshakeError(400, f"bad HTTP request: illegal {what}")
+            if not _REQUEST_LINE_RE.match(head):
+                raise HandshakeError(400, "bad HTTP request: illegal request line")
+            if _OBS_FOLD_RE.search(head):
+                raise HandshakeError(400, "bad HTTP request: a header line starts with a "
+                                          "space or a tab (obs-fold, RFC 9112 5.2)")
+            raise HandshakeError(400, "bad HTTP request: illegal header line")
         method, target, version, block = match.groups()
         items = _FIELD_RE.findall(block)
         fields = self.fields
@@ -145,9 +173,9 @@ class RequestParser:
         elif version == "1.1":
             raise HandshakeError(400, "bad HTTP request: no Host header")
         if "content-length" in fields:
-            lengths = {part.strip() for value in fields["content-length"]
+            lengths = {part.strip(" \t") for value in fields["content-length"]
                        for part in value.split(",")}
-            if len(lengths) != 1 or not _DIGITS_RE.fullmatch(lengths.pop()):
+            if len(lengths) != 1 or not _CONTENT_LENGTH_RE.fullmatch(lengths.pop()):
                 raise HandshakeError(400, "bad HTTP request: bad Content-Length")
         if "transfer-encoding" in fields:
             codings = fields["transfer-encoding"]
@@ -180,7 +208,7 @@ def check_upgrade(request: Request, fields: Optional[Fields] = None) -> bytes:
     if request.http_version != "1.1":
         raise HandshakeError(400, "a WebSocket upgrade needs HTTP/1.1")
     if "transfer-encoding" in fields or \
-            ", ".join(get("content-length", ["0"])).strip() != "0":
+            ", ".join(get("content-length", ["0"])).strip(" \t") != "0":
         # Its body would be read as WebSocket frames.
         raise HandshakeError(400, "a WebSocket upgrade request has no body")
     connection = get("connection")
@@ -193,7 +221,7 @@ def check_upgrade(request: Request, fields: Optional[Fields] = None) -> bytes:
     keys = get("sec-websocket-key")
     if keys is None or len(keys) != 1:
         raise HandshakeError(400, "missing or repeated Sec-WebSocket-Key")
-    key = keys[0].strip()
+    key = keys[0].strip(" \t")  # HTTP's whitespace, not str's (0x85, 0xa0...)
     if not _KEY_RE.fullmatch(key):
         raise HandshakeError(400, "Sec-WebSocket-Key is not 16 bytes in base64")
     extensions = get("sec-websocket-extensions")

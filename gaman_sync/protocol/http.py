@@ -143,8 +143,11 @@ class Response:
 
 
 def header_tokens(values: Sequence[str]) -> List[str]:
-    """The comma-separated tokens of a header's values, stripped."""
-    return [t.strip() for v in values for t in v.split(",") if t.strip()]
+    """The comma-separated tokens of a header's values, stripped of spaces
+    and tabs (HTTP's whitespace: not str.strip()'s, which would make
+    ``"websocket\\xa0"`` a ``websocket``)."""
+    tokens = (part.strip(" \t") for value in values for part in value.split(","))
+    return [t for t in tokens if t]
 
 
 def format_address(address: object) -> str:
