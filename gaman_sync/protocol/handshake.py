@@ -50,14 +50,16 @@ class HandshakeError(Exception):
         self.headers = tuple(headers)
 
 
-# The grammar is in .http, with the headers that keep their lines.
+# The grammar of the request head is in .http (the headers of a request
+# keep its lines); what follows it here is h11's checks.
 _HEAD_RE = re.compile(
     rf"{REQUEST_LINE}((?:{TOKEN}:[ \t]*(?:{HEADER_VALUE}[ \t]*)?\r?\n)*)\r?\n", re.ASCII)
 _REQUEST_LINE_RE = re.compile(REQUEST_LINE, re.ASCII)
 _FIELD_RE = re.compile(HEADER_LINE, re.ASCII)
 _HEAD_END_RE = re.compile(rb"\n\r?\n")
-_METHOD_START_RE = re.compile(TOKEN[:-1].encode("ascii"))  # one character of a token
-_DIGITS_RE = re.compile(r"[0-9]+", re.ASCII)
+_OBS_FOLD_RE = re.compile(r"\n[ \t]")
+# At most 20 digits, as h11 (2**64 has 20): a length is read as a number.
+_CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,20}", re.ASCII)
 # 16 bytes in base64, as base64.b64decode(key, validate=True) accepts them.
 _KEY_RE = re.compile(r"[A-Za-z0-9+/]{22}==", re.ASCII)
 
@@ -113,25 +115,34 @@ class RequestParser:
             buffer = data  # the usual case: the whole request in one read, not copied
         end = _HEAD_END_RE.search(buffer, self._searched)
         if end is None:
+            if buffer[0] < 0x21:
+                # No request starts with whitespace or a control byte: refused
+                # at once, as h11 does (a TLS hello sent to a plain port, say),
+                # rather than at the size limit or the handshake's timeout.
+                raise HandshakeError(400, "bad HTTP request: illegal request line")
             if len(buffer) > self._max:
                 raise HandshakeError(431, "request headers too large")
-            if not _METHOD_START_RE.match(buffer):
-                # Not HTTP (a TLS hello sent to a plain port, say): refused
-                # now rather than once the handshake timeout has passed.
-                raise HandshakeError(400, "bad HTTP request: illegal request line")
             if buffer is data:
                 self._buffer = bytearray(data)
             self._searched = max(len(buffer) - 2, 0)  # the blank line may end in the next read
             return None
         size = end.end()
         if size > self._max:
+            # The same answer however the request was cut into reads: one
+            # that starts badly is refused before it grows (above).
+            if buffer[0] < 0x21:
+                raise HandshakeError(400, "bad HTTP request: illegal request line")
             raise HandshakeError(431, "request headers too large")
         self.trailing_data = bytes(buffer[size:])
         head = buffer[:size].decode("latin-1")
         match = _HEAD_RE.fullmatch(head)
         if match is None:
-            what = "header line" if _REQUEST_LINE_RE.match(head) else "request line"
-            raise HandshakeError(400, f"bad HTTP request: illegal {what}")
+            if not _REQUEST_LINE_RE.match(head):
+                raise HandshakeError(400, "bad HTTP request: illegal request line")
+            if _OBS_FOLD_RE.search(head):
+                raise HandshakeError(400, "bad HTTP request: a header line starts with a "
+                                          "space or a tab (obs-fold, RFC 9112 5.2)")
+            raise HandshakeError(400, "bad HTTP request: illegal header line")
         method, target, version, block = match.groups()
         # The usual method and version as shared strings: two fewer objects
         # for every connection to keep (its request lives as long as it does).
@@ -152,9 +163,9 @@ class RequestParser:
         elif version == "1.1":
             raise HandshakeError(400, "bad HTTP request: no Host header")
         if "content-length" in fields:
-            lengths = {part.strip() for value in fields["content-length"]
+            lengths = {part.strip(" \t") for value in fields["content-length"]
                        for part in value.split(",")}
-            if len(lengths) != 1 or not _DIGITS_RE.fullmatch(lengths.pop()):
+            if len(lengths) != 1 or not _CONTENT_LENGTH_RE.fullmatch(lengths.pop()):
                 raise HandshakeError(400, "bad HTTP request: bad Content-Length")
         if "transfer-encoding" in fields:
             codings = fields["transfer-encoding"]
@@ -187,7 +198,7 @@ def check_upgrade(request: Request, fields: Optional[Fields] = None) -> bytes:
     if request.http_version != "1.1":
         raise HandshakeError(400, "a WebSocket upgrade needs HTTP/1.1")
     if "transfer-encoding" in fields or \
-            ", ".join(get("content-length", ["0"])).strip() != "0":
+            ", ".join(get("content-length", ["0"])).strip(" \t") != "0":
         # Its body would be read as WebSocket frames.
         raise HandshakeError(400, "a WebSocket upgrade request has no body")
     connection = get("connection")
@@ -200,7 +211,7 @@ def check_upgrade(request: Request, fields: Optional[Fields] = None) -> bytes:
     keys = get("sec-websocket-key")
     if keys is None or len(keys) != 1:
         raise HandshakeError(400, "missing or repeated Sec-WebSocket-Key")
-    key = keys[0].strip()
+    key = keys[0].strip(" \t")  # HTTP's whitespace, not str's (0x85, 0xa0...)
     if not _KEY_RE.fullmatch(key):
         raise HandshakeError(400, "Sec-WebSocket-Key is not 16 bytes in base64")
     extensions = get("sec-websocket-extensions")

@@ -15,23 +15,28 @@ _NO_PARAMS: Mapping[str, str] = MappingProxyType({})
 
 # The request head, as RFC 9112 (sections 2 to 5) and RFC 9110 (5.5, 5.6)
 # write it, and as h11 reads it: a token for the method, a target of visible
-# ASCII characters, HTTP/d.d; header names are tokens, values are visible
-# characters (any byte but NUL and ASCII whitespace, obs-text included) with
-# spaces or tabs between them. Lines end in CRLF or in a bare LF (RFC 9112
-# 2.2 lets a server accept the latter). A line that starts with a space or a
-# tab (obs-fold) matches nothing, and is refused, as RFC 9112 5.2 allows.
+# ASCII characters (a URI's: no obs-text, no control byte), HTTP/d.d; header
+# names are tokens, values are visible characters (any byte but NUL and ASCII
+# whitespace: obs-text and, as h11 allows, other control bytes) with spaces
+# or tabs between them. Lines end in CRLF or in a bare LF (RFC 9112 2.2 lets
+# a server accept the latter). A line that starts with a space or a tab
+# (obs-fold) matches nothing, and is refused, as RFC 9112 5.2 allows.
 # Compiled with re.ASCII, \s is ASCII whitespace only, as in h11's byte
-# patterns; the head is decoded from latin-1, one character per byte.
+# patterns; the head is decoded from latin-1, one character per byte, so
+# str.strip() would also strip bytes that are not HTTP whitespace (0x1c to
+# 0x1f, 0x85, 0xa0): what reads a value strips spaces and tabs only.
 TOKEN = r"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
 """A token (RFC 9110 5.6.2): a method, a header's name."""
 _VISIBLE = r"[^\x00\s]"
 HEADER_VALUE = rf"{_VISIBLE}+(?:[ \t]+{_VISIBLE}+)*"
 """A header's value, not empty, without the whitespace around it (RFC 9110 5.5)."""
-# The whitespace after the value is matched only after a value: with an
-# empty value allowed between two runs of optional whitespace, a line of
-# spaces and tabs that fails at its end would take a time that grows with
-# the square of its length (16 KiB: 1.7 s), each split of the run between
-# the two tried in turn.
+# The whitespace after a value is matched only after a value, so that no
+# two repeats can take the same run of characters. RFC 9110's own form,
+# OWS [value] OWS, lets a backtracking engine split a run of n spaces
+# between the two OWS in n ways for each start, n**2 steps in all: "X:", 16
+# KiB of spaces and tabs, then a bad byte took 2.2 s (h11, with that form,
+# 0.7 s). As written here, each character is tried a bounded number of times
+# whatever the input (benchmarks/request_parser.py measures it).
 HEADER_LINE = rf"({TOKEN}):[ \t]*(?:({HEADER_VALUE})[ \t]*)?\r?\n"
 """A header line: its name and value (empty if none) in groups 1 and 2."""
 REQUEST_LINE = rf"({TOKEN}) ([\x21-\x7e]+) HTTP/([0-9]\.[0-9])\r?\n"
@@ -185,8 +190,11 @@ class Response:
 
 
 def header_tokens(values: Sequence[str]) -> List[str]:
-    """The comma-separated tokens of a header's values, stripped."""
-    return [t.strip() for v in values for t in v.split(",") if t.strip()]
+    """The comma-separated tokens of a header's values, stripped of spaces
+    and tabs (HTTP's whitespace: not str.strip()'s, which would make
+    ``"websocket\\xa0"`` a ``websocket``)."""
+    tokens = (part.strip(" \t") for value in values for part in value.split(","))
+    return [t for t in tokens if t]
 
 
 def format_address(address: object) -> str:
