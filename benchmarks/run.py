@@ -87,12 +87,15 @@ class ServerSpec:
 
 
 _SMALL_ECHO_ONLY = {key: "small-message echo only" for key in (
-    "echo-1mib", "handshakes", "broadcast", "memory", "idle", "mass-disconnect")}
+    "echo-1mib", "handshakes", "broadcast", "broadcast-4k", "broadcast-4k-deflate", "memory",
+    "memory-deflate", "idle", "mass-disconnect")}
 # Several processes: the scenarios that read one process's threads, memory
-# or descriptors do not apply, nor does broadcast (without a broker each
+# or descriptors do not apply, nor do broadcasts (without a broker each
 # worker reaches its own clients only).
-_WORKERS_CANNOT = {key: "one process only" for key in ("memory", "idle", "mass-disconnect")}
-_WORKERS_CANNOT["broadcast"] = "no broker: a worker's broadcast reaches its own clients only"
+_WORKERS_CANNOT = {key: "one process only" for key in (
+    "memory", "memory-deflate", "idle", "mass-disconnect")}
+_WORKERS_CANNOT.update((key, "no broker: a worker's broadcast reaches its own clients only")
+                       for key in ("broadcast", "broadcast-4k", "broadcast-4k-deflate"))
 
 SERVER_SPECS = [
     ServerSpec("gaman_sync", "gaman_sync", "gaman_sync", tls=True),
@@ -105,7 +108,9 @@ SERVER_SPECS = [
     ServerSpec("simple-websocket", "simple-websocket", "simple_websocket"),
     ServerSpec("websocket-server", "websocket-server", "websocket_server", optional=True,
                cannot={"echo-1mib": "binary frames unsupported"}),
-    ServerSpec("tcp-echo", "TCP echo (ceiling)", None, proto="tcp"),
+    ServerSpec("tcp-echo", "TCP echo (ceiling)", None, proto="tcp",
+               cannot={"broadcast-4k-deflate": "no permessage-deflate",
+                       "memory-deflate": "no permessage-deflate"}),
     # Not WebSocket servers: a TCP echo that also does wsproto's work for one
     # small message per message echoed, with threads and with asyncio. What
     # the two designs come to on wsproto before any code of their own.

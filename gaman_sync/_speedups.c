@@ -318,46 +318,78 @@ send_nonblocking(PyObject *module, PyObject *args)
     return PyLong_FromSsize_t(sent);
 }
 
-/* recv() into a new bytes object, as socket.recv() does. Gated: a blocking
- * recv that releases the GIL, then queues for it behind the gate; else a
- * non-blocking one that keeps the GIL. */
+/* One recv() call, retried on EINTR; -1 with *err set on failure, and also
+ * (err 0) when a signal handler raised. Gated: a blocking recv that releases
+ * the GIL, then queues for it behind the gate; else a non-blocking one that
+ * keeps the GIL. */
+static ssize_t
+recv_into(int fd, char *buffer, Py_ssize_t size, int flags, int gated, int *err)
+{
+    ssize_t got;
+    for (;;) {
+        if (gated) {
+            Py_BEGIN_ALLOW_THREADS
+            got = recv(fd, buffer, (size_t)size, flags);
+            *err = errno;
+            gate_enter();
+            Py_END_ALLOW_THREADS
+            gate_leave();
+        }
+        else {
+            got = recv(fd, buffer, (size_t)size, flags | MSG_DONTWAIT);
+            *err = errno;
+        }
+        if (got >= 0 || *err != EINTR) {
+            return got;
+        }
+        if (PyErr_CheckSignals() < 0) {
+            *err = 0;
+            return -1;
+        }
+    }
+}
+
+/* Reads of up to this size go to a buffer on the stack, then to a bytes
+ * object of the size received. A connection waits for its peer in a read
+ * of this size (see the engine's _RECV_MIN): a heap buffer allocated up
+ * front, as socket.recv() does, would be held by every idle connection
+ * (2 KiB each, a tenth of what one costs); the copy costs less than the
+ * bytes object's shrinking after a short read. */
+#define STACK_RECV 2048
+
+/* recv() into a new bytes object, as socket.recv() does. */
 static PyObject *
 recv_bytes(int fd, Py_ssize_t size, int flags, int gated)
 {
-    int err;
+    int err = 0;
     ssize_t got;
     PyObject *buffer;
     if (size < 0) {
         PyErr_SetString(PyExc_ValueError, "negative buffer size");
         return NULL;
     }
+    if (size <= STACK_RECV) {
+        char small[STACK_RECV];
+        got = recv_into(fd, small, size, flags, gated, &err);
+        if (got < 0) {
+            if (err == 0) {
+                return NULL;
+            }
+            errno = err;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        return PyBytes_FromStringAndSize(small, got);
+    }
     buffer = PyBytes_FromStringAndSize(NULL, size);
     if (buffer == NULL) {
         return NULL;
     }
-    for (;;) {
-        if (gated) {
-            Py_BEGIN_ALLOW_THREADS
-            got = recv(fd, PyBytes_AS_STRING(buffer), (size_t)size, flags);
-            err = errno;
-            gate_enter();
-            Py_END_ALLOW_THREADS
-            gate_leave();
-        }
-        else {
-            got = recv(fd, PyBytes_AS_STRING(buffer), (size_t)size, flags | MSG_DONTWAIT);
-            err = errno;
-        }
-        if (got >= 0 || err != EINTR) {
-            break;
-        }
-        if (PyErr_CheckSignals() < 0) {
-            Py_DECREF(buffer);
-            return NULL;
-        }
-    }
+    got = recv_into(fd, PyBytes_AS_STRING(buffer), size, flags, gated, &err);
     if (got < 0) {
         Py_DECREF(buffer);
+        if (err == 0) {
+            return NULL;
+        }
         errno = err;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
@@ -407,7 +439,9 @@ recv_for(PyObject *module, PyObject *args)
     double timeout, deadline, remaining;
     struct pollfd pfd;
     ssize_t got;
-    PyObject *buffer;
+    PyObject *buffer = NULL;
+    char small[STACK_RECV];
+    char *into = small;
     if (!PyArg_ParseTuple(args, "ind:recv_for", &fd, &size, &timeout)) {
         return NULL;
     }
@@ -426,9 +460,14 @@ recv_for(PyObject *module, PyObject *args)
             return NULL;
         }
     }
-    buffer = PyBytes_FromStringAndSize(NULL, size);
-    if (buffer == NULL) {
-        return NULL;
+    if (size > STACK_RECV) {
+        /* A large read goes straight into its bytes object; a small one
+         * into the stack, as recv_bytes does: no heap buffer while waiting. */
+        buffer = PyBytes_FromStringAndSize(NULL, size);
+        if (buffer == NULL) {
+            return NULL;
+        }
+        into = PyBytes_AS_STRING(buffer);
     }
     deadline = monotonic_now() + timeout;
     remaining = timeout;
@@ -452,7 +491,7 @@ recv_for(PyObject *module, PyObject *args)
         ready = poll(&pfd, 1, ms);
         err = errno;
         if (ready > 0) {
-            got = recv(fd, PyBytes_AS_STRING(buffer), (size_t)size, MSG_DONTWAIT);
+            got = recv(fd, into, (size_t)size, MSG_DONTWAIT);
             err = errno;
         }
         gate_enter();
@@ -463,7 +502,7 @@ recv_for(PyObject *module, PyObject *args)
             continue;
         }
         if (ready == 0) {
-            Py_DECREF(buffer);
+            Py_XDECREF(buffer);
             PyErr_SetString(socket_timeout, "timed out");
             return NULL;
         }
@@ -471,17 +510,20 @@ recv_for(PyObject *module, PyObject *args)
             break;
         }
         if (err != EINTR && err != EAGAIN && err != EWOULDBLOCK) {
-            Py_DECREF(buffer);
+            Py_XDECREF(buffer);
             errno = err;
             return PyErr_SetFromErrno(PyExc_OSError);
         }
         /* Interrupted, or readable but nothing there after all (another
          * reader took it): wait for what is left of the timeout. */
         if (err == EINTR && PyErr_CheckSignals() < 0) {
-            Py_DECREF(buffer);
+            Py_XDECREF(buffer);
             return NULL;
         }
         remaining = deadline - monotonic_now();
+    }
+    if (buffer == NULL) {
+        return PyBytes_FromStringAndSize(small, got);
     }
     if (got != size && _PyBytes_Resize(&buffer, got) < 0) {
         return NULL;

@@ -148,6 +148,14 @@ def test_client_refuses_an_invalid_answer(answer, options, complaint):
 def test_extension_header_parsing():
     assert parse_extensions(['a; x=1; y="2", b', "c"]) == [
         ("a", [("x", "1"), ("y", "2")]), ("b", []), ("c", [])]
+    # Spaces and tabs are HTTP's whitespace; what str.strip() also takes
+    # (NBSP, NEL, 0x1c-0x1f: latin-1 bytes of the header) is not.
+    assert parse_extensions([" \ta ;\tx = 1 \t, b\t"]) == [("a", [("x", "1")]), ("b", [])]
+    for odd in ("\xa0", "\x85", "\x1f"):
+        with pytest.raises(ValueError):
+            parse_extensions([f"permessage-deflate{odd}"])
+        with pytest.raises(ValueError):
+            parse_extensions([f"permessage-deflate; client_max_window_bits=10{odd}"])
 
 
 def test_options_are_checked():

@@ -29,6 +29,7 @@ from .conftest import WAIT
 from .helpers import RecordingBlock
 
 MAX_BODY = 256     # bytes: what "a short reason" may take
+PING_FRAME = bytes([0x80 | PING, 0x82, 0, 0, 0, 0]) + b"hi"  # masked with a zero key
 MAX_LOG_LINE = 300  # characters
 
 
@@ -174,6 +175,10 @@ BAD_REQUESTS = {
     "unknown-path": (GOOD.replace(b"/echo", b"/nowhere", 1), 404),
     "long-garbage-line": (b"\xff" * 8000 + b"\r\n\r\n", 400),
     "long-bad-header": (replace_header(GOOD, "X-Long", "\x00" * 8000), 400),
+    "transfer-encoding-gzip": (replace_header(GOOD, "Transfer-Encoding", "gzip"), 501),
+    "obs-fold": (GOOD.replace(b"\r\n\r\n", b"\r\nX-A: a\r\n b\r\n\r\n"), 400),
+    "obs-text-in-target": (GOOD.replace(b"/echo", b"/\xe9cho", 1), 400),
+    "content-length-not-digits": (replace_header(GOOD, "Content-Length", "0\xa0"), 400),
 }
 
 
@@ -198,6 +203,51 @@ def test_good_request_is_accepted(hs, caplog):
     assert ex.header("sec-websocket-accept") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="  # RFC 6455 1.3
     assert ex.header("upgrade").lower() == "websocket"
     assert "upgrade" in ex.header("connection").lower()
+
+
+def test_request_sent_one_byte_at_a_time_is_accepted(hs, caplog):
+    server, _ = hs()
+    ex = exchange(server, GOOD + PING_FRAME, caplog, half_close=True,
+                  pieces=list(range(1, len(GOOD) + 1)))
+    assert ex.status == 101
+    assert ex.header("sec-websocket-accept") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+    assert ex.body.startswith(bytes([0x80 | PONG, 2]) + b"hi")  # the frame after it, read
+
+
+def test_blank_line_split_across_two_reads_is_accepted(hs, caplog):
+    """``\r\n\r`` in one read, ``\n`` in the next: the end of the head is
+    found across the two. The server must not answer the first part: the
+    wait for its silence is also what makes the second part a later read."""
+    server, _ = hs()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        assert GOOD.endswith(b"\r\n\r\n")
+        sock.sendall(GOOD[:-1])
+        sock.settimeout(0.3)
+        with pytest.raises(socket.timeout):
+            sock.recv(100)  # no answer to a head without its end
+        sock.settimeout(WAIT)
+        sock.sendall(b"\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(4096)
+            assert chunk, head
+            head += chunk
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    assert b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head
+    assert_no_traceback(caplog.records)
+
+
+def test_request_that_starts_badly_is_answered_at_once(hs, caplog):
+    """A TLS hello sent to a plain port cannot start a request: 400 at once,
+    not at the handshake's timeout (the client does not close its side)."""
+    server, rb = hs(handshake_timeout=WAIT * 3)
+    # exchange() fails unless the server answers and closes within WAIT.
+    ex = exchange(server, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", caplog,
+                  timeout=WAIT)
+    assert_rejected(ex, 400)
+    assert rb.all == []
+    still_serves(server)
 
 
 def test_headers_over_max_request_size_get_431(hs, caplog):

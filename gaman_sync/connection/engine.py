@@ -63,9 +63,10 @@ __all__ = ["Connection", "ReadyState", "interrupted_connection_code"]
 logger = logging.getLogger("gaman_sync")
 
 # Reads start small and grow while they come back full: an idle connection
-# blocks in recv() holding a small buffer (CPython allocates it up front),
-# a large message is read in large chunks.
-_RECV_MIN = 2048
+# blocks in recv() holding a small buffer (socket.recv allocates it up
+# front; the C helper reads this much into its stack and holds none), a
+# large message is read in large chunks.
+_RECV_MIN = 2048  # the C helper's STACK_RECV
 _RECV_MAX = 512 * 1024
 # Below this, header and payload are joined and sent with one send(); above
 # it, sendmsg() sends both without copying the payload.
@@ -101,10 +102,25 @@ class Connection:
     # in one cache line, since a broadcast touches it on a thousand connections.
     __slots__ = ("_lock", "_proto", "_outgoing", "_outgoing_size", "_send_fn", "_send_arg",
                  "options", "messages_out", "bytes_out", "messages_in", "bytes_in",
-                 "_finished", "_watched", "_room", "transport", "runtime", "thread", "_remote",
-                 "handler", "_opened", "_aborted", "_abort_close", "_reading", "_close_timer",
-                 "_ping_timer", "_unanswered_since", "_next_ping", "_started", "_dropped",
-                 "_preamble", "_refused", "hold_events", "_loan", "__dict__", "__weakref__")
+                 "_finished", "_watched", "transport", "runtime", "thread", "_remote",
+                 "handler", "_opened", "_reading", "_ping_timer", "_unanswered_since",
+                 "_next_ping", "_preamble", "__dict__", "__weakref__")
+
+    # What most connections never set, or set only as they end, is read
+    # from the class until then: no slot (8 bytes each, on every idle
+    # connection) and no assignment in __init__.
+    _room: Optional[threading.Condition] = None  # made by the first wait for room
+    _aborted = False  # TCP dropped by abort()
+    # (code, reason, force) of a drop that could not take the lock
+    _abort_close: Optional[Tuple[int, str, bool]] = None
+    _close_timer: Optional[Timer] = None
+    _started = 0.0  # when it opened, if DEBUG was on then (for the last DEBUG line)
+    _dropped = 0  # messages not delivered because our close had started
+    _refused = False
+    _loan: Optional[_Loan] = None  # lending the reading: see lend_reader()
+    hold_events: Optional[Callable[[], None]] = None
+    """For subclasses: called before each event while received bytes wait
+    to be handled; it may wait (a client's recv() hand-off)."""
 
     def __init__(self, transport: Transport, protocol: Protocol, runtime: Runtime,
                  options: Options, remote_address: Any = None,
@@ -136,29 +152,18 @@ class Connection:
         """The callbacks it dispatches to."""
         self._remote = remote_address
         self._lock = threading.Lock()
-        self._room: Optional[threading.Condition] = None
         self._proto = protocol
         self._outgoing: Optional[Deque[Union[bytes, memoryview]]] = None
         self._outgoing_size = 0
         self._watched = False
         self._opened = False  # the callbacks are known: on_close is owed
-        self._aborted = False
-        # (code, reason, force) for a drop without the lock
-        self._abort_close: Optional[Tuple[int, str, bool]] = None
         self._finished = False
         self._reading = False  # the thread waits in recv(), not in a callback
-        self._close_timer: Optional[Timer] = None
         self._ping_timer: Optional[Timer] = None
         self._unanswered_since: Optional[float] = None
         self._next_ping = 0.0
-        # For the DEBUG line at the end only: a float less per connection otherwise.
-        self._started = time.monotonic() if logger.isEnabledFor(logging.DEBUG) else 0.0
-        self._dropped = 0  # messages not delivered because our close had started
-        self.hold_events: Optional[Callable[[], None]] = None
-        """For subclasses: called before each event while received bytes wait
-        to be handled; it may wait (a client's recv() hand-off)."""
-        self._refused = False
-        self._loan: Optional[_Loan] = None  # lending the reading: see lend_reader()
+        if logger.isEnabledFor(logging.DEBUG):  # for the DEBUG line at the end only
+            self._started = time.monotonic()
         self._preamble = preamble
         if preamble is not None:
             # Until send_preamble(), every write waits here, unsent, behind

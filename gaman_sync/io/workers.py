@@ -11,8 +11,7 @@ threads, and a server that went quiet keeps none.
 from __future__ import annotations
 
 import threading
-import weakref
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Type
 
 __all__ = ["Workers"]
 
@@ -34,7 +33,10 @@ class Workers:
 
     def __init__(self, name: str, max_idle: int = 16, idle_timeout: float = 1.0) -> None:
         self._name = name
-        self._threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+        # Its threads are instances of a class of its own: owns() asks their
+        # class, where a set of them would keep a weak reference per thread.
+        self._thread_class: Type[threading.Thread] = type(
+            "WorkerThread", (threading.Thread,), {"__slots__": ()})
         self._max_idle = max_idle
         self._idle_timeout = idle_timeout
         self._lock = threading.Lock()
@@ -50,14 +52,13 @@ class Workers:
             worker.task = task
             worker.wake.release()
             return
-        thread = threading.Thread(target=self._loop, args=(task,), name=self._name, daemon=True)
-        with self._lock:
-            self._threads.add(thread)
+        thread = self._thread_class(target=self._loop, args=(task,), name=self._name,
+                                    daemon=True)
         thread.start()
 
     def owns(self, thread: threading.Thread) -> bool:
         """Is ``thread`` one of these workers?"""
-        return thread in self._threads
+        return type(thread) is self._thread_class
 
     @property
     def idle_threads(self) -> List[threading.Thread]:

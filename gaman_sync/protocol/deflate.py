@@ -104,6 +104,7 @@ class Agreement:
 # -- The header ------------------------------------------------------------------
 
 Param = Tuple[str, Optional[str]]
+_OWS = " \t"
 
 
 def parse_extensions(values: Sequence[str]) -> List[Tuple[str, List[Param]]]:
@@ -113,23 +114,23 @@ def parse_extensions(values: Sequence[str]) -> List[Tuple[str, List[Param]]]:
     result: List[Tuple[str, List[Param]]] = []
     for value in values:
         for item in value.split(","):
-            item = item.strip()
+            item = item.strip(_OWS)  # HTTP's whitespace only: see protocol.http
             if not item:
                 continue
-            parts = [p.strip() for p in item.split(";")]
+            parts = [p.strip(_OWS) for p in item.split(";")]
             name = parts[0].lower()
             if not _is_token(name):
                 raise ValueError(f"invalid extension name {parts[0]!r}")
             params: List[Param] = []
             for part in parts[1:]:
                 key, eq, raw = part.partition("=")
-                key = key.strip().lower()
+                key = key.strip(_OWS).lower()
                 if not _is_token(key):
                     raise ValueError(f"invalid extension parameter {part!r}")
                 if not eq:
                     params.append((key, None))
                     continue
-                raw = raw.strip()
+                raw = raw.strip(_OWS)
                 if len(raw) >= 2 and raw[0] == raw[-1] == '"':
                     raw = raw[1:-1]
                 if not _is_token(raw):

@@ -72,7 +72,6 @@ from ..protocol.handshake import (
     RequestParser,
     accept_response,
     error_response,
-    to_request,
 )
 from ..protocol.http import Request, format_address, header_tokens
 from .http import health_response, text_response
@@ -313,7 +312,8 @@ class Acceptor:
             self._close(hs)
             return
         if request is not None:
-            self._handshake(hs, to_request(request, hs.address))
+            request.remote_address = hs.address
+            self._handshake(hs, request)
 
     def _decrypt(self, hs: _Handshake, data: bytes) -> bytes:
         """Feed ciphertext to ``hs``'s TLS: the plaintext it gives (``b""``:
@@ -380,6 +380,7 @@ class Acceptor:
             self._send_tls(hs)
 
     def _handshake(self, hs: _Handshake, request: Request) -> None:
+        assert hs.parser is not None
         try:
             if request.method != "GET":
                 raise HandshakeError(405, "a WebSocket handshake is a GET request",
@@ -388,7 +389,7 @@ class Acceptor:
             if route is None:
                 raise HandshakeError(404, f"no WebSocket endpoint at {request.path}")
             view, request.params = route
-            key = view.check_upgrade(request)
+            key = view.check_upgrade(request, hs.parser.fields)
         except HandshakeError as exc:
             if not (self._serves_http and self._answer_plain(hs, request, exc)):
                 self._reject(hs, exc)
@@ -402,9 +403,9 @@ class Acceptor:
             subprotocol, response = None, None
         else:
             offered = view.endpoint.subprotocols
-            subprotocol = next((p for p in request.subprotocols if p in offered), None)
+            subprotocol = next((p for p in request.subprotocols if p in offered),
+                               None) if offered else None
             response = accept_response(key, subprotocol)
-        assert hs.parser is not None
         trailing_data = hs.parser.trailing_data
         transport = self._hand_over(hs)
         # The connection's thread sends the 101 once its handler returned,

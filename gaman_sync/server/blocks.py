@@ -59,7 +59,7 @@ from ..broker.envelope import pack, unpack
 from ..connection import ReadyState, WebSocketHandler
 from ..protocol import Data, HandshakeError, Request, encode_frame
 from ..protocol.deflate import broadcast_frame
-from ..protocol.handshake import check_upgrade
+from ..protocol.handshake import Fields, check_upgrade
 from .connection import ServerConnection
 from .decisions import Decision
 
@@ -189,15 +189,16 @@ class BlockServer:
         endpoint without WebSocket, which refuses it)? Then it is made in the
         connection's thread, not in the accept thread."""
 
-    def check_upgrade(self, request: Request) -> bytes:
+    def check_upgrade(self, request: Request, fields: Optional[Fields] = None) -> bytes:
         """Check that ``request`` may open a WebSocket on this block (a GET, a
         valid upgrade, an accepted ``Origin``); its ``Sec-WebSocket-Key``, or
         :class:`~gaman_sync.protocol.HandshakeError` with the status to answer.
+        ``fields``: its headers by lower-cased name, if the caller has them.
         (The standalone accept thread and the WSGI middleware both ask here.)"""
         if request.method != "GET":
             raise HandshakeError(405, "a WebSocket handshake is a GET request",
                                  [("Allow", "GET")])
-        key = check_upgrade(request)
+        key = check_upgrade(request, fields)
         if self.origins is not None and not self.allows_origin(request.origin):
             raise HandshakeError(403, "this origin may not open a WebSocket here")
         return key

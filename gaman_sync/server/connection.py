@@ -25,6 +25,7 @@ from ..connection import Connection
 from ..io import Runtime, Transport
 from ..options import Options
 from ..protocol import Protocol, Request
+from ..protocol.deflate import Agreement
 from ..protocol.handshake import accept_response, add_header, error_response
 from ..protocol.http import format_address
 from .decisions import Accept, Decision, Redirect, Reject
@@ -42,8 +43,12 @@ class ServerConnection(Connection):
     """A WebSocket connection accepted by a server: the ``ctx`` a block's
     handler is called with (GamanJS's ``WebSocketContext``)."""
 
-    __slots__ = ("id", "server", "request", "subprotocol", "handshake_status", "_key",
-                 "_extensions", "deflate_window", "deflate_agreement")
+    __slots__ = ("id", "server", "request", "subprotocol", "handshake_status", "deflate_window")
+
+    # Set only for a block that decides (its 101 is made later): read from
+    # the class otherwise, with no slot on every idle connection.
+    _key = b""  # the client's key
+    _extensions: Optional[str] = None  # the extensions' header value for the 101
 
     def __init__(self, transport: Transport, protocol: Protocol, runtime: Runtime,
                  options: Options, conn_id: int, request: Request, server: BlockServer,
@@ -55,9 +60,9 @@ class ServerConnection(Connection):
         # A block that decides makes its 101 later: the writes wait all the same.
         super().__init__(transport, protocol, runtime, options, request.remote_address,
                          preamble=response if response is not None else b"")
-        self._extensions = extensions
-        deflate = self.deflate_agreement = protocol.deflate
-        """The permessage-deflate parameters negotiated, or None."""
+        if response is None and extensions is not None:
+            self._extensions = extensions
+        deflate = protocol.deflate
         self.deflate_window = deflate.broadcast_window() if deflate is not None else None
         """The window our compressor uses with this client (0: it sends
         plain), or None without permessage-deflate: a broadcast encodes one
@@ -70,11 +75,17 @@ class ServerConnection(Connection):
         """The opening handshake's request (path, params, query, headers, remote address)."""
         self.subprotocol = subprotocol
         """The subprotocol selected in the handshake, or ``None``."""
-        self._key = key if response is None else b""
+        if response is None:
+            self._key = key
         self.handshake_status: Optional[int] = 101 if response is not None else None
         """How the opening handshake was answered: 101 once accepted, else the
         status of the refusal or redirect that ``on_request`` (or the block)
         made; None while it decides, and for a plain HTTP request."""
+
+    @property
+    def deflate_agreement(self) -> Optional[Agreement]:
+        """The permessage-deflate parameters negotiated, or None."""
+        return self._proto.deflate
 
     # -- Rooms (see gaman_sync.server.blocks) -----------------------------
 
