@@ -73,12 +73,17 @@ def test_async_functions_are_refused_clearly(make_server):
         assert ws.close_code == 1011
 
 
-def test_a_slow_callback_does_not_make_keepalive_drop_a_live_peer(make_server):
+@pytest.mark.parametrize("work", [0.6, 1.0, 1.4])
+def test_a_slow_callback_does_not_make_keepalive_drop_a_live_peer(make_server, work):
+    """The work takes longer than ping_timeout and ends about when the
+    keepalive judges the peer again (every 0.4 s once the thread is seen
+    busy): the pong, unread meanwhile, is read then and counts, even when
+    the judging comes while the thread's first read is still returning."""
     done = Recorder()
 
     def handler(ctx):
         def on_message(message):
-            time.sleep(1.0)  # the work itself: longer than ping_timeout
+            time.sleep(work)  # the work itself: longer than ping_timeout
             ctx.send("done")
         return {"on_message": on_message, "on_close": lambda c, r: done.add("close", c)}
 

@@ -118,6 +118,9 @@ class Connection:
     _dropped = 0  # messages not delivered because our close had started
     _refused = False
     _loan: Optional[_Loan] = None  # lending the reading: see lend_reader()
+    # bytes_in when the keepalive last found a callback holding the thread
+    # with a ping overdue (None: not since the last such wait)
+    _busy_mark: Optional[int] = None
     hold_events: Optional[Callable[[], None]] = None
     """For subclasses: called before each event while received bytes wait
     to be handled; it may wait (a client's recv() hand-off)."""
@@ -748,11 +751,20 @@ class Connection:
         since = self._unanswered_since
         if since is not None and timeout is not None and now - since >= timeout:
             if self._reading:
-                logger.info("%s: no pong in %s s; closing it", self, timeout)
-                self._fail_from_outside(1011, "keepalive ping timeout")
-                return
-            # A callback holds the connection's thread: the pong may be
-            # waiting unread. Judge the peer once the thread reads again.
+                if self._busy_mark != self.bytes_in:
+                    logger.info("%s: no pong in %s s; closing it", self, timeout)
+                    self._fail_from_outside(1011, "keepalive ping timeout")
+                    return
+                # Back to reading, but nothing read since a callback held
+                # the thread: the pong may be in the read under way (its
+                # bytes back from the kernel, the thread waiting for the
+                # GIL this timer holds). One more wait, then the peer is
+                # judged by what the thread reads.
+                self._busy_mark = None
+            else:
+                # A callback holds the connection's thread: the pong may be
+                # waiting unread. Judge the peer once the thread reads again.
+                self._busy_mark = self.bytes_in
             since = self._unanswered_since = now - timeout + min(timeout, 1.0)
         with self._lock:
             if not self._proto.is_open or self._finished:
