@@ -235,8 +235,10 @@ class Connection:
             if self._outgoing_size and self._outgoing_size + size > self.options.write_limit:
                 self._wait_for_room(size, self.options.send_timeout if timeout is None
                                     else timeout)
-            self._write_frame(header, payload)
+            # Counted before the write: once its bytes are out, a stats()
+            # call (another thread, maybe the peer's) must see it counted.
             self.messages_out += 1
+            self._write_frame(header, payload)
 
     def send_frame(self, frame: bytes, timeout: Optional[float] = None) -> None:
         """:meth:`send` for a data frame the caller encoded whole (a client's,
@@ -276,8 +278,8 @@ class Connection:
                 self._wait_for_room(size, self.options.send_timeout if timeout is None
                                     else timeout)
             header, payload = self._proto.encode(message)
+            self.messages_out += 1  # before the write, as in send()
             self._write_frame(header, payload)
-            self.messages_out += 1
 
     def ping(self, data: Union[bytes, str] = b"") -> None:
         """Send a ping (at most 125 bytes); the pong reaches ``on_pong``."""
@@ -311,8 +313,8 @@ class Connection:
         with self._lock:
             if self._proto.state is not _OPEN or self._outgoing_size > self.options.write_limit:
                 return False
+            self.messages_out += 1  # before the write, as in send()
             self._write(frame)
-            self.messages_out += 1
             return True
 
     def abort(self, code: Optional[int] = None, reason: str = "", force: bool = False,
