@@ -78,6 +78,7 @@ _ABNORMAL = int(CloseCode.ABNORMAL_CLOSURE)
 # costs about what two counter increments cost.
 _OPEN = State.OPEN
 _monotonic = time.monotonic
+_LONG_AGO = 1e-9  # a time before any monotonic() reading, and true
 
 
 class ReadyState(IntEnum):
@@ -118,9 +119,8 @@ class Connection:
     _dropped = 0  # messages not delivered because our close had started
     _refused = False
     _loan: Optional[_Loan] = None  # lending the reading: see lend_reader()
-    # bytes_in when the keepalive last found a callback holding the thread
-    # with a ping overdue (None: not since the last such wait)
-    _busy_mark: Optional[int] = None
+    # The keepalive waited once for a read just started (see _keepalive).
+    _fresh_read_waited = False
     hold_events: Optional[Callable[[], None]] = None
     """For subclasses: called before each event while received bytes wait
     to be handled; it may wait (a client's recv() hand-off)."""
@@ -161,7 +161,9 @@ class Connection:
         self._watched = False
         self._opened = False  # the callbacks are known: on_close is owed
         self._finished = False
-        self._reading = False  # the thread waits in recv(), not in a callback
+        # When the thread began waiting in recv() (0.0: it is in a callback
+        # or handling what it read; see _read_until_closed)
+        self._reading = 0.0
         self._ping_timer: Optional[Timer] = None
         self._unanswered_since: Optional[float] = None
         self._next_ping = 0.0
@@ -250,21 +252,8 @@ class Connection:
             if self._outgoing_size and self._outgoing_size + size > self.options.write_limit:
                 self._wait_for_room(size, self.options.send_timeout if timeout is None
                                     else timeout)
-            self.messages_out += 1
-            if self._outgoing is not None:
-                self._write(frame)
-                return
-            # _write's usual case, written out: one frame, one system call.
-            self.bytes_out += size
-            try:
-                sent = self._send_fn(self._send_arg, frame)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                self._write_failed()
-                return
-            if sent < size:
-                self._queue(memoryview(frame)[sent:])
+            self.messages_out += 1  # before the write, as in send()
+            self._write(frame)
 
     def send_in_order(self, message: Data, timeout: Optional[float] = None) -> None:
         """:meth:`send` for a protocol whose frames must be encoded in wire
@@ -752,22 +741,23 @@ class Connection:
         timeout = options.ping_timeout
         since = self._unanswered_since
         if since is not None and timeout is not None and now - since >= timeout:
-            if self._reading:
-                if self._busy_mark != self.bytes_in:
+            reading = self._reading
+            if reading:
+                fresh = min(timeout, 1.0) / 2
+                if now - reading >= fresh or self._fresh_read_waited:
                     logger.info("%s: no pong in %s s; closing it", self, timeout)
                     self._fail_from_outside(1011, "keepalive ping timeout")
                     return
-                # Back to reading, but nothing read since a callback held
-                # the thread: the pong may be in the read under way (its
+                # The thread started this read a moment ago, back from a
+                # callback with the ping out: the pong may be in it (its
                 # bytes back from the kernel, the thread waiting for the
-                # GIL this timer holds). One more wait, then the peer is
-                # judged by what the thread reads.
-                self._busy_mark = None
+                # GIL this timer holds). Once per ping, judge after it.
+                self._fresh_read_waited = True
+                since = self._unanswered_since = reading + fresh - timeout
             else:
                 # A callback holds the connection's thread: the pong may be
                 # waiting unread. Judge the peer once the thread reads again.
-                self._busy_mark = self.bytes_in
-            since = self._unanswered_since = now - timeout + min(timeout, 1.0)
+                since = self._unanswered_since = now - timeout + min(timeout, 1.0)
         with self._lock:
             if not self._proto.is_open or self._finished:
                 return
@@ -776,6 +766,8 @@ class Connection:
                     # Set before the ping goes out: its pong may be handled
                     # before this thread runs another line.
                     self._unanswered_since = since = now
+                    if self._fresh_read_waited:  # (read from the class until first set)
+                        self._fresh_read_waited = False
                 self._write(self._proto.ping(b""))
                 self._next_ping = now + cast(float, options.ping_interval)
             wake = self._next_ping
@@ -853,12 +845,15 @@ class Connection:
                         proto.abandon()
                     return
                 continue
-            self._reading = True
+            # Reading from when: now if a ping is out (the keepalive judges
+            # a read just started apart), else from long ago (any pong will
+            # be read as soon as it comes).
+            self._reading = _monotonic() if self._unanswered_since is not None else _LONG_AGO
             try:
                 data = recv(size)
             except OSError:
                 data = b""
-            self._reading = False
+            self._reading = 0.0
             received = len(data)
             if not received:
                 with lock:
@@ -887,11 +882,11 @@ class Connection:
             cond.notify_all()
             # Someone reads, or will within _LOAN_CHECK: the keepalive may
             # judge the peer by its pongs.
-            self._reading = True
+            self._reading = _LONG_AGO
             self.runtime.timers.call_later(_LOAN_CHECK, self._check_loan, loan.generation)
             while loan.lent:
                 cond.wait()
-            self._reading = False
+            self._reading = 0.0
             handed, loan.handed = loan.handed, None
         return handed
 
